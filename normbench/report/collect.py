@@ -1,0 +1,237 @@
+"""Read the runs' ``result.json`` files and put them into the cells of a layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .layouts import CellKey, Layout
+
+STATUSES = ("completed", "diverged", "failed")
+METRIC_FIELD = "top1_error_median_last5"
+SHARES = ("in", "ln", "bn")
+
+
+@dataclass
+class Run:
+    path: Path
+    data: dict
+    mtime: float
+
+    @property
+    def status(self) -> str:
+        s = self.data.get("status")
+        return s if s in STATUSES else "failed"
+
+    @property
+    def seed(self):
+        return self.data.get("seed")
+
+    @property
+    def error(self) -> Optional[float]:
+        v = self.data.get(METRIC_FIELD)
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    def label(self) -> str:
+        return str(self.data.get("run_dir") or self.data.get("run_id") or self.path)
+
+
+@dataclass
+class Cell:
+    row: str
+    col: str
+    runs: list[Run] = field(default_factory=list)
+    metric: str = "error"  # "error" or "accuracy"
+
+    @property
+    def completed(self) -> list[Run]:
+        return [r for r in self.runs if r.status == "completed" and r.error is not None]
+
+    @property
+    def n_diverged(self) -> int:
+        return sum(r.status == "diverged" for r in self.runs)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(r.status == "failed" for r in self.runs)
+
+    @property
+    def values(self) -> list[float]:
+        errs = [r.error for r in self.completed]
+        return [100.0 - e for e in errs] if self.metric == "accuracy" else errs
+
+    @property
+    def n(self) -> int:
+        return len(self.completed)
+
+    @property
+    def mean(self) -> Optional[float]:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> Optional[float]:
+        """Sample standard deviation over seeds; None with fewer than two seeds."""
+        return statistics.stdev(self.values) if len(self.values) >= 2 else None
+
+
+@dataclass
+class Collection:
+    runs: list[Run]  # runs of this experiment (after model/data selection, dedup)
+    cells: dict[CellKey, Cell]
+    unmatched: list[Run]
+    notes: list[str]
+    superseded: list[Run]
+
+
+def load_runs(results_dir: Path, experiment: str, notes: list[str]) -> list[Run]:
+    runs = []
+    for path in sorted(results_dir.glob("**/result.json")):
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            notes.append(f"Unreadable result file skipped: `{path}` ({type(exc).__name__}: {exc})")
+            continue
+        if data.get("experiment") != experiment:
+            continue
+        runs.append(Run(path=path, data=data, mtime=path.stat().st_mtime))
+    return runs
+
+
+def select_model_data(runs: list[Run], experiment: str, model: Optional[str], data: Optional[str]) -> list[Run]:
+    """Keep the runs of one (model, data) pair; refuse to mix several."""
+    if model is not None:
+        runs = [r for r in runs if r.data.get("model") == model]
+    if data is not None:
+        runs = [r for r in runs if r.data.get("data") == data]
+    pairs = Counter((r.data.get("model"), r.data.get("data")) for r in runs)
+    if len(pairs) > 1:
+        listing = ", ".join(f"{m}/{d} ({k} runs)" for (m, d), k in sorted(pairs.items(), key=str))
+        raise ValueError(
+            f"{experiment}: results mix {len(pairs)} (model, data) pairs: {listing}; "
+            "a table compares one model on one data set, so pass model=... and/or data=... to build_report "
+            "(or keep each pair in its own results_dir)"
+        )
+    return runs
+
+
+def collect(layout: Layout, runs: list[Run], notes: list[str]) -> Collection:
+    # Same run_id seen twice (e.g. a copied run dir): keep the newest file.
+    by_id: dict[str, Run] = {}
+    deduped: list[Run] = []
+    for r in sorted(runs, key=lambda r: r.mtime):
+        rid = r.data.get("run_id")
+        if rid is None:
+            deduped.append(r)
+            continue
+        if rid in by_id:
+            notes.append(f"Duplicate run_id {rid}: `{by_id[rid].path}` ignored, `{r.path}` kept (newest).")
+            deduped.remove(by_id[rid])
+        by_id[rid] = r
+        deduped.append(r)
+    runs = deduped
+
+    for r in runs:
+        if r.data.get("status") not in STATUSES:
+            notes.append(f"Run `{r.label()}` has status {r.data.get('status')!r}; counted as failed.")
+        elif r.data.get("status") == "completed" and r.error is None:
+            notes.append(f"Run `{r.label()}` is completed but has no finite {METRIC_FIELD}; "
+                         "left out of the means (not counted as a seed).")
+
+    cells = {(row, col): Cell(row, col, metric=layout.metric) for row in layout.row_keys for col in layout.col_keys}
+    unmatched: list[Run] = []
+    per_seed: dict[tuple, list[Run]] = defaultdict(list)
+    for r in runs:
+        key = layout.cell_of(r.data)
+        if key is None:
+            unmatched.append(r)
+            continue
+        if layout.checks is not None:
+            warn = layout.checks(r.data, key)
+            if warn:
+                notes.append(f"Run `{r.label()}`: {warn}.")
+        per_seed[(key, r.seed)].append(r)
+
+    superseded: list[Run] = []
+    for (key, seed), rs in per_seed.items():
+        rs.sort(key=lambda r: r.mtime)
+        keep = rs[-1]
+        if len(rs) > 1:
+            superseded.extend(rs[:-1])
+            notes.append(
+                f"{len(rs)} runs for cell {key[0]} @ {key[1]}, seed {seed}: kept the newest `{keep.label()}` "
+                f"({keep.status}); superseded: " + ", ".join(f"`{r.label()}` ({r.status})" for r in rs[:-1])
+            )
+        cells[key].runs.append(keep)
+    for cell in cells.values():
+        cell.runs.sort(key=lambda r: (str(r.seed), r.label()))
+
+    # Cells whose runs disagree on norm options (e.g. GN with G=32 and G=16 in one BN-vs-GN cell).
+    for cell in cells.values():
+        opts = {json.dumps(r.data.get("norm_options"), sort_keys=True) for r in cell.runs}
+        if len(opts) > 1:
+            notes.append(f"Cell {cell.row} @ {cell.col} mixes norm_options: {', '.join(sorted(opts))}.")
+
+    placed = [r for c in cells.values() for r in c.runs]
+    epochs = Counter(r.data.get("epochs") for r in placed)
+    if len(epochs) > 1:
+        notes.append("Runs in the table were trained for different epochs: "
+                     + ", ".join(f"{e} ({k} runs)" for e, k in sorted(epochs.items(), key=str))
+                     + "; cells may not be comparable.")
+    return Collection(runs=placed, cells=cells, unmatched=unmatched, notes=notes, superseded=superseded)
+
+
+def run_importance(run: Run) -> Optional[dict[str, dict[str, float]]]:
+    """Layer-averaged SN importance shares of one run: {"mean": {in, ln, bn}, "var": {...}}.
+
+    A share missing from a layer (e.g. ``bn`` when SN ran with use_bn=false) counts as 0.
+    """
+    imp = run.data.get("sn_importance")
+    if not isinstance(imp, dict) or not imp:
+        return None
+    out = {}
+    for kind in ("mean", "var"):
+        per_layer = [layer.get(kind) or {} for layer in imp.values() if isinstance(layer, dict)]
+        if not per_layer:
+            return None
+        out[kind] = {s: statistics.fmean(float(d.get(s, 0.0)) for d in per_layer) for s in SHARES}
+    return out
+
+
+@dataclass
+class ImportanceCell:
+    col: str
+    per_run: list[dict[str, dict[str, float]]]
+    n_layers: list[int]
+
+    @property
+    def n(self) -> int:
+        return len(self.per_run)
+
+    def mean(self, kind: str, share: str) -> Optional[float]:
+        return statistics.fmean(r[kind][share] for r in self.per_run) if self.per_run else None
+
+    def std(self, kind: str, share: str) -> Optional[float]:
+        vals = [r[kind][share] for r in self.per_run]
+        return statistics.stdev(vals) if len(vals) >= 2 else None
+
+
+def importance_cells(layout: Layout, coll: Collection, notes: list[str]) -> dict[str, ImportanceCell]:
+    out = {}
+    for col in layout.col_keys:
+        per_run, n_layers = [], []
+        for r in coll.cells[("sn", col)].completed:
+            imp = run_importance(r)
+            if imp is None:
+                notes.append(f"Completed SN run `{r.label()}` has no sn_importance; left out of the importance table.")
+                continue
+            per_run.append(imp)
+            n_layers.append(len(r.data["sn_importance"]))
+        out[col] = ImportanceCell(col, per_run, n_layers)
+    return out

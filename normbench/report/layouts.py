@@ -1,0 +1,385 @@
+"""The paper layouts of each experiment: rows, columns, which result lands in which cell, paper values,
+derived rows and trend lines.
+
+A cell is identified from the fields of a ``result.json`` only (norm, norm_options, gpus, per_gpu_batch).
+Runs of the experiment that fit no cell are reported as "outside the layout", never silently merged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from normbench import papers
+
+CellKey = tuple[str, str]  # (row key, column key)
+Values = dict[CellKey, Optional[float]]
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A row computed from the table's means, applied identically to the reproduction and the paper."""
+
+    key: str  # CSV row name
+    label: str  # Markdown row label
+    csv_metric: str
+    fn: Callable[[Values, tuple[str, ...]], dict[str, Optional[float]]]
+
+
+@dataclass(frozen=True)
+class Trend:
+    """One line of the trend note: the same function computed on reproduced means and on paper values."""
+
+    label: str
+    # fn(values, cols): float, str or None (not computable, e.g. cells missing). cols = the columns in play:
+    # all of them, less columns the runs' preset excluded (sweep.allowed); the paper is evaluated on the same.
+    fn: Callable[[Values, tuple[str, ...]], object]
+    fmt: str = "plain"  # "plain" | "signed" | "text"
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    title: str
+    metric: str  # "error" or "accuracy" (what the table prints; the runs always report error)
+    csv_metric: str
+    col_header: str
+    rows: tuple[tuple[str, str], ...]  # (key, label)
+    cols: tuple[tuple[str, str], ...]  # (key, label)
+    cell_of: Callable[[dict], Optional[CellKey]]
+    layout_note: str  # which runs land in the table, in words
+    paper: Values
+    paper_source: str
+    paper_caveat: str
+    paper_notes: dict[CellKey, str] = field(default_factory=dict)  # shown beside the paper value
+    single_sourced: frozenset = frozenset()  # CellKeys marked with "*"
+    not_run: dict[CellKey, str] = field(default_factory=dict)  # cells deliberately not run
+    derived: tuple[Derived, ...] = ()
+    trends: tuple[Trend, ...] = ()
+    figure: str = "xy"  # "xy" (numeric x, log2), "bars", "categorical"
+    x_values: dict[str, float] = field(default_factory=dict)
+    x_label: str = ""
+    x_decreasing: bool = True
+    importance: bool = False
+    checks: Callable[[dict, CellKey], Optional[str]] | None = None  # per-run sanity warning
+    # The sweep axis the columns are drawn from, as named in the runs' config.sweep.allowed (presets restrict
+    # it, e.g. G <= 16 for 16-channel models): excluded columns are "not run (preset)", not missing.
+    sweep_axis: Optional[str] = None
+
+    @property
+    def row_keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.rows)
+
+    @property
+    def col_keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.cols)
+
+    def row_label(self, key: str) -> str:
+        return dict(self.rows)[key]
+
+    def col_label(self, key: str) -> str:
+        return dict(self.cols)[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _opt(result: dict, name: str):
+    opts = result.get("norm_options") or {}
+    return opts.get(name)
+
+
+def _row_values(values: Values, row: str, cols) -> Optional[list[float]]:
+    """All values of a row, or None if any is missing."""
+    out = [values.get((row, c)) for c in cols]
+    return None if any(v is None for v in out) else out
+
+
+def _diff(values: Values, a: CellKey, b: CellKey) -> Optional[float]:
+    va, vb = values.get(a), values.get(b)
+    return None if va is None or vb is None else va - vb
+
+
+def _d(a: CellKey, b: CellKey):
+    """values[a] - values[b], when both columns are in play."""
+    def fn(values: Values, cols):
+        return _diff(values, a, b) if a[1] in cols and b[1] in cols else None
+
+    return fn
+
+
+def _spread(row: str):
+    def fn(values: Values, cols):
+        vs = _row_values(values, row, cols)
+        return None if vs is None else max(vs) - min(vs)
+
+    return fn
+
+
+def _best_col(row: str, lowest=True):
+    def fn(values: Values, cols):
+        vs = _row_values(values, row, cols)
+        if vs is None:
+            return None
+        best = (min if lowest else max)(vs)
+        return ", ".join(c for c, v in zip(cols, vs) if v == best)
+
+    return fn
+
+
+def _minus_best_at(row: str, col: str):
+    def fn(values: Values, cols):
+        vs = _row_values(values, row, cols)
+        return None if vs is None or col not in cols else values[(row, col)] - min(vs)
+
+    return fn
+
+
+def _minus_best(row: str):
+    def fn(values: Values, cols) -> dict[str, Optional[float]]:
+        present = [values.get((row, c)) for c in cols if values.get((row, c)) is not None]
+        if not present:
+            return {c: None for c in cols}
+        best = min(present)
+        return {c: (None if values.get((row, c)) is None else values[(row, c)] - best) for c in cols}
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------
+# gn_table1
+
+
+def _t1_cell(r: dict) -> Optional[CellKey]:
+    if r.get("gpus") == 8 and r.get("per_gpu_batch") == 32 and r.get("norm") in ("bn", "ln", "in", "gn"):
+        return ("error", r["norm"])
+    return None
+
+
+def _t1_vs_bn(values: Values, cols) -> dict[str, Optional[float]]:
+    return {c: _diff(values, ("error", c), ("error", "bn")) for c in cols}
+
+
+def _t1_order(values: Values, cols):
+    vs = [(values.get(("error", c)), c) for c in cols]
+    if any(v is None for v, _ in vs):
+        return None
+    return " < ".join(c.upper() for v, c in sorted(vs))
+
+
+_T1 = papers.GN_TABLE1
+GN_TABLE1 = Layout(
+    name="gn_table1",
+    title="GN paper Table 1: BN / LN / IN / GN at 32 images per GPU (top-1 error %, lower is better)",
+    metric="error",
+    csv_metric="top1_error_median_last5",
+    col_header="",
+    rows=(("error", "top-1 error"),),
+    cols=(("bn", "BN"), ("ln", "LN"), ("in", "IN"), ("gn", "GN")),
+    cell_of=_t1_cell,
+    layout_note="runs with gpus=8, per_gpu_batch=32, norm in {bn, ln, in, gn}; column = norm",
+    paper={("error", k): v for k, v in _T1["values"].items()},
+    paper_source=_T1["source"],
+    paper_caveat=_T1["caveat"],
+    derived=(Derived("vs BN", "vs BN", "top1_error_diff", _t1_vs_bn),),
+    trends=(
+        Trend("Order by error", _t1_order, "text"),
+        Trend("GN - BN", _d(("error", "gn"), ("error", "bn")), "signed"),
+        Trend("IN - BN", _d(("error", "in"), ("error", "bn")), "signed"),
+    ),
+    figure="bars",
+    sweep_axis="norm",
+)
+
+# --------------------------------------------------------------------------------------------------
+# gn_table2
+
+_T2 = papers.GN_TABLE2
+_T2_COLS = tuple(str(b) for b in _T2["batches"])
+
+
+def _t2_cell(r: dict) -> Optional[CellKey]:
+    b = r.get("per_gpu_batch")
+    if r.get("gpus") == 8 and r.get("norm") in ("bn", "gn") and str(b) in _T2_COLS and isinstance(b, int):
+        return (r["norm"], str(b))
+    return None
+
+
+def _t2_bn_minus_gn(values: Values, cols) -> dict[str, Optional[float]]:
+    return {c: _diff(values, ("bn", c), ("gn", c)) for c in cols}
+
+
+GN_TABLE2 = Layout(
+    name="gn_table2",
+    title="GN paper Table 2 / Figure 1: BN vs GN by images per GPU (top-1 error %, lower is better)",
+    metric="error",
+    csv_metric="top1_error_median_last5",
+    col_header="images/GPU",
+    rows=(("bn", "BN"), ("gn", "GN")),
+    cols=tuple((c, c) for c in _T2_COLS),
+    cell_of=_t2_cell,
+    layout_note="runs with gpus=8, norm in {bn, gn}, per_gpu_batch in {32, 16, 8, 4, 2}; row = norm, column = per_gpu_batch",
+    paper={(row, str(b)): v for row, d in _T2["values"].items() for b, v in d.items()},
+    paper_source=_T2["source"],
+    paper_caveat=_T2["caveat"],
+    derived=(Derived("BN - GN", "BN - GN", "top1_error_diff", _t2_bn_minus_gn),),
+    trends=(
+        Trend("BN error rise from 32 to 2 images/GPU", _d(("bn", "2"), ("bn", "32")), "signed"),
+        Trend("GN spread over images/GPU (max - min)", _spread("gn")),
+        Trend("BN - GN at 2 images/GPU", _d(("bn", "2"), ("gn", "2")), "signed"),
+        Trend("BN - GN at 32 images/GPU", _d(("bn", "32"), ("gn", "32")), "signed"),
+    ),
+    figure="xy",
+    x_values={c: float(c) for c in _T2_COLS},
+    x_label="images per GPU (log2 scale, decreasing to the right as in the paper's Figure 1)",
+    sweep_axis="per_gpu_batch",
+)
+
+# --------------------------------------------------------------------------------------------------
+# gn_groups / gn_channels_per_group
+
+_T3G = papers.GN_TABLE3_GROUPS
+_T3C = papers.GN_TABLE3_CHANNELS
+_T3_KEYS = ("64", "32", "16", "8", "4", "2", "1")
+
+
+def _t3_cell(option: str, other: str):
+    def cell_of(r: dict) -> Optional[CellKey]:
+        if r.get("norm") != "gn" or r.get("gpus") != 8 or r.get("per_gpu_batch") != 32:
+            return None
+        v, o = _opt(r, option), _opt(r, other)
+        if o is not None or not isinstance(v, int) or str(v) not in _T3_KEYS:
+            return None
+        return ("gn", str(v))
+
+    return cell_of
+
+
+GN_GROUPS = Layout(
+    name="gn_groups",
+    title="GN paper Table 3 (top): number of groups G at 32 images per GPU (top-1 error %, lower is better)",
+    metric="error",
+    csv_metric="top1_error_median_last5",
+    col_header="groups G",
+    rows=(("gn", "GN"),),
+    cols=tuple((k, k + (" (=LN)" if k == "1" else "")) for k in _T3_KEYS),
+    cell_of=_t3_cell("groups", "channels_per_group"),
+    layout_note="runs with norm=gn, gpus=8, per_gpu_batch=32, norm_options.groups in {64..1} and "
+    "channels_per_group null; column = groups",
+    paper={("gn", str(k)): v for k, v in _T3G["values"].items()},
+    paper_source=_T3G["source"],
+    paper_caveat=_T3G["caveat"],
+    single_sourced=frozenset(("gn", str(k)) for k in _T3G["single_sourced"]),
+    derived=(Derived("minus best", "minus best", "top1_error_diff", _minus_best("gn")),),
+    trends=(
+        Trend("Best G", _best_col("gn"), "text"),
+        Trend("LN (G=1) minus best", _minus_best_at("gn", "1")),
+        Trend("Spread over G (max - min)", _spread("gn")),
+    ),
+    figure="xy",
+    x_values={k: float(k) for k in _T3_KEYS},
+    x_label="groups G (log2 scale)",
+    sweep_axis="norm.groups",
+)
+
+GN_CHANNELS = Layout(
+    name="gn_channels_per_group",
+    title="GN paper Table 3 (bottom): channels per group at 32 images per GPU (top-1 error %, lower is better)",
+    metric="error",
+    csv_metric="top1_error_median_last5",
+    col_header="channels per group",
+    rows=(("gn", "GN"),),
+    cols=tuple((k, k + (" (=IN)" if k == "1" else "")) for k in _T3_KEYS),
+    cell_of=_t3_cell("channels_per_group", "groups"),
+    layout_note="runs with norm=gn, gpus=8, per_gpu_batch=32, norm_options.channels_per_group in {64..1} and "
+    "groups null; column = channels_per_group",
+    paper={("gn", str(k)): v for k, v in _T3C["values"].items()},
+    paper_source=_T3C["source"],
+    paper_caveat=_T3C["caveat"],
+    single_sourced=frozenset(("gn", str(k)) for k in _T3C["single_sourced"]),
+    derived=(Derived("minus best", "minus best", "top1_error_diff", _minus_best("gn")),),
+    trends=(
+        Trend("Best channels per group", _best_col("gn"), "text"),
+        Trend("IN (1 channel/group) minus best", _minus_best_at("gn", "1")),
+        Trend("Spread over channels per group (max - min)", _spread("gn")),
+    ),
+    figure="xy",
+    x_values={k: float(k) for k in _T3_KEYS},
+    x_label="channels per group (log2 scale)",
+    sweep_axis="norm.channels_per_group",
+)
+
+# --------------------------------------------------------------------------------------------------
+# sn_table
+
+_SN = papers.SN_TABLE
+
+
+def sn_col(setting: tuple[int, int]) -> str:
+    return f"({setting[0]},{setting[1]})"
+
+
+_SN_COLS = tuple(sn_col(s) for s in _SN["settings"])
+
+
+def _sn_cell(r: dict) -> Optional[CellKey]:
+    if r.get("norm") not in ("bn", "gn", "sn"):
+        return None
+    g, b = r.get("gpus"), r.get("per_gpu_batch")
+    if not (isinstance(g, int) and isinstance(b, int)) or (g, b) not in _SN["settings"]:
+        return None
+    return (r["norm"], sn_col((g, b)))
+
+
+def _sn_check(r: dict, cell: CellKey) -> Optional[str]:
+    if cell == ("sn", "(8,1)") and _opt(r, "use_bn") is not False:
+        return "SN at (8,1) should run with norm_options.use_bn=false (BN equals IN at one image per GPU)"
+    return None
+
+
+def _sn_wins(values: Values, cols):
+    """In how many settings SN is strictly the most accurate row (needs every SN and GN cell)."""
+    wins = 0
+    for c in cols:
+        sn, gn, bn = values.get(("sn", c)), values.get(("gn", c)), values.get(("bn", c))
+        if sn is None or gn is None:
+            return None
+        wins += sn > max(v for v in (gn, bn) if v is not None)
+    return f"{wins} of {len(cols)} settings"
+
+
+SN_TABLE = Layout(
+    name="sn_table",
+    title="SN paper: BN / GN / SN by (GPUs, images per GPU) (top-1 ACCURACY %, higher is better)",
+    metric="accuracy",
+    csv_metric="top1_accuracy",
+    col_header="(GPUs, images/GPU)",
+    rows=(("bn", "BN"), ("gn", "GN"), ("sn", "SN")),
+    cols=tuple((c, c) for c in _SN_COLS),
+    cell_of=_sn_cell,
+    layout_note="runs with norm in {bn, gn, sn} and (gpus, per_gpu_batch) one of the 9 SN settings; "
+    "accuracy = 100 - top1_error_median_last5",
+    paper={(row, sn_col(s)): v for row, d in _SN["values"].items() for s, v in d.items()},
+    paper_source=_SN["source"],
+    paper_caveat=_SN["caveat"],
+    paper_notes={(row, sn_col(s)): note for (row, s), note in _SN["notes"].items()},
+    not_run={("bn", "(8,1)"): "- (not run: one image per GPU)"},
+    trends=(
+        Trend("BN accuracy drop from (8,32) to (8,2)", _d(("bn", "(8,32)"), ("bn", "(8,2)"))),
+        Trend("GN spread over settings (max - min)", _spread("gn")),
+        Trend("SN spread over settings (max - min)", _spread("sn")),
+        Trend("SN most accurate", _sn_wins, "text"),
+    ),
+    figure="categorical",
+    x_label="(GPUs, images per GPU), the SN paper's order",
+    importance=True,
+    checks=_sn_check,
+)
+
+LAYOUTS: dict[str, Layout] = {
+    lay.name: lay for lay in (GN_TABLE1, GN_TABLE2, GN_GROUPS, GN_CHANNELS, SN_TABLE)
+}
+
+# Paper's BN importance share per SN column (read off a chart).
+SN_PAPER_BN_SHARE = {sn_col(s): v for s, v in papers.SN_IMPORTANCE_BN_SHARE["values"].items()}
