@@ -1,0 +1,107 @@
+"""Models built by name, every norm layer coming from one `norm_layer(num_channels)` callable.
+
+`build_model` applies the papers' recipe (shared/papers.md section 2) to every model: He (fan_out) init for
+convolutions, fc ~ N(0, 0.01), gamma = 1 everywhere except the last norm layer of each residual block
+(gamma = 0 when `zero_init_last_gamma`), and optionally Weight Standardization on every convolution.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from normbench.models.cifar_resnet import BasicBlock as CifarBasicBlock, CifarResNet
+
+MODEL_NAMES = ("resnet50", "resnet18", "cifar_resnet", "timm")
+
+
+def _torchvision_resnet(name: str, norm_layer, num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
+    # torchvision's resnet50 is v1.5 (stride on the 3x3 conv), the recipe's model.
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, norm_layer=norm_layer)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return model
+
+
+def _timm_model(timm_name: str, norm_layer, num_classes: int, in_channels: int) -> nn.Module:
+    import timm
+
+    if not timm_name:
+        raise ValueError("model=timm needs model.timm_name, e.g. model.timm_name=resnet26d")
+    try:
+        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
+                                 norm_layer=norm_layer)
+    except RuntimeError as err:  # timm's "Unknown model"
+        raise ValueError(f"model=timm: {err}; list names with timm.list_models()") from None
+
+
+def last_block_norms(model: nn.Module) -> list[nn.Module]:
+    """The last norm layer of every residual block (zero-init candidates): torchvision's and ours by name,
+    timm's via its own convention (bn3 / bn2 of Bottleneck / BasicBlock)."""
+    found = []
+    for module in model.modules():
+        for attr in ("bn3", "bn2"):  # Bottleneck's last is bn3, BasicBlock's is bn2
+            norm = getattr(module, attr, None)
+            if isinstance(norm, nn.Module) and hasattr(module, "conv1"):
+                found.append(norm)
+                break
+    return found
+
+
+def init_weights(model: nn.Module, zero_init_last_gamma: bool) -> None:
+    from normbench.norms import is_norm_layer
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.zeros_(module.bias)
+        elif is_norm_layer(module) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            nn.init.ones_(module.weight)
+            if isinstance(getattr(module, "bias", None), nn.Parameter):
+                nn.init.zeros_(module.bias)
+    if zero_init_last_gamma:
+        for norm in last_block_norms(model):
+            if isinstance(getattr(norm, "weight", None), nn.Parameter):
+                nn.init.zeros_(norm.weight)
+
+
+def standardize_convolutions(model: nn.Module) -> nn.Module:
+    """Swap every nn.Conv2d for a WSConv2d holding the same parameters (Weight Standardization)."""
+    from normbench.norms import WSConv2d
+
+    for name, child in model.named_children():
+        if type(child) is nn.Conv2d:
+            ws = WSConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                          child.dilation, child.groups, child.bias is not None, child.padding_mode)
+            ws.weight = child.weight
+            ws.bias = child.bias
+            setattr(model, name, ws)
+        else:
+            standardize_convolutions(child)
+    return model
+
+
+def build_model(cfg, norm_layer: Callable[[int], nn.Module], num_classes: int, in_channels: int) -> nn.Module:
+    """`cfg` is the `model` config node: name, and depth/width (cifar_resnet) or timm_name (timm)."""
+    name = cfg.name
+    if name in ("resnet50", "resnet18"):
+        model = _torchvision_resnet(name, norm_layer, num_classes, in_channels)
+    elif name == "cifar_resnet":
+        model = CifarResNet(cfg.depth, norm_layer, num_classes, in_channels, width=cfg.width)
+    elif name == "timm":
+        model = _timm_model(cfg.timm_name, norm_layer, num_classes, in_channels)
+    else:
+        raise ValueError(f"unknown model.name={name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    init_weights(model, cfg.zero_init_last_gamma)
+    if cfg.weight_standardization:
+        standardize_convolutions(model)
+    return model
+
+
+__all__ = ["build_model", "CifarResNet", "CifarBasicBlock", "MODEL_NAMES", "last_block_norms"]

@@ -1,0 +1,342 @@
+"""normbench train: one training run, the unit every sweep and table rests on.
+
+    normbench train [hydra overrides]            e.g. normbench train norm=gn per_gpu_batch=2
+    torchrun --nproc_per_node=8 -m normbench.train model=resnet50 data=imagenet
+
+A step processes `gpus x per_gpu_batch` images. Batch-dependent norm layers see the statistics of
+`per_gpu_batch` images, as on the papers' GPUs: on one device the layers emulate the GPUs (their
+`per_gpu_batch` option), under torchrun with world size w each process handles gpus / w of them.
+The run lives in results_dir/experiment/<name>-<hash>/; rerunning the same command resumes it, and a
+completed (or diverged) run is not trained again.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from normbench import distributed, runs
+from normbench.optim import build_optimizer, build_scheduler, learning_rate
+from normbench.tracking import Tracker, progress
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+log = logging.getLogger("normbench")
+
+
+class ConfigError(ValueError):
+    """A bad setting: one line naming the problem and the fix; raised before any file is written."""
+
+
+# ---- configuration ------------------------------------------------------------------------------------------
+def _positive_int(config: dict, key: str) -> None:
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}; e.g. {key}=8")
+
+
+def validate(config: dict) -> None:
+    for key in ("gpus", "per_gpu_batch", "epochs", "reference_batch"):
+        _positive_int(config, key)
+    if not isinstance(config["base_lr"], (int, float)) or config["base_lr"] <= 0:
+        raise ConfigError(f"base_lr must be a positive number, got {config['base_lr']!r}")
+    schedule = config["schedule"]
+    if schedule["name"] not in ("step", "cosine"):
+        raise ConfigError(f"schedule.name={schedule['name']!r} is unknown; use schedule.name=step or cosine")
+    milestones = list(schedule["milestones"])
+    if milestones != sorted(milestones) or any(not 0 < m < 1 for m in milestones):
+        raise ConfigError(f"schedule.milestones={milestones} must be increasing fractions of training in (0, 1)")
+    if not 0 <= schedule["warmup_epochs"] < config["epochs"]:
+        raise ConfigError(f"schedule.warmup_epochs={schedule['warmup_epochs']} must be in [0, epochs={config['epochs']})")
+    if config["logger"]["wandb"]["mode"] not in ("offline", "online", "disabled"):
+        raise ConfigError("logger.wandb.mode must be offline, online or disabled")
+    fast = config["fast"]
+    if fast["amp"] not in ("auto", "none", "bf16", "fp16"):
+        raise ConfigError(f"fast.amp={fast['amp']!r} is unknown; use auto, none, bf16 or fp16")
+    for key in ("channels_last", "compile"):
+        if fast[key] not in ("auto", True, False):
+            raise ConfigError(f"fast.{key}={fast[key]!r} must be auto, true or false")
+
+
+TRAINER_NORM_KEYS = ("name", "reestimate_batches")  # read by the trainer, not passed to the layer
+
+
+def norm_options(config: dict) -> dict:
+    """The norm node's options plus the top-level per_gpu_batch for the layers that take it (one source of
+    truth: the per-GPU batch of the paper's setting)."""
+    from normbench.norms import norm_options as accepted
+
+    options = {k: v for k, v in config["norm"].items() if k not in TRAINER_NORM_KEYS}
+    if "per_gpu_batch" in accepted(config["norm"]["name"]):
+        options["per_gpu_batch"] = config["per_gpu_batch"]
+    return options
+
+
+def norm_label(config: dict) -> str:
+    return config["norm"]["name"] + ("+ws" if config["model"]["weight_standardization"] else "")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def fast_settings(config: dict, device: torch.device) -> dict:
+    """Resolve `auto` switches: on for CUDA, off on the CPU, where they change numbers but not speed."""
+    fast, on_gpu = config["fast"], device.type == "cuda"
+    amp = fast["amp"] if fast["amp"] != "auto" else ("bf16" if on_gpu else "none")
+    return {"amp": amp,
+            "channels_last": on_gpu if fast["channels_last"] == "auto" else fast["channels_last"],
+            "compile": False if fast["compile"] == "auto" else fast["compile"],
+            "cudnn_benchmark": fast["cudnn_benchmark"]}
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------
+class Diverged(Exception):
+    pass
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, ctx) -> dict:
+    model.train()
+    loader.set_epoch(epoch)
+    device, d = ctx["device"], ctx["dist"]
+    images_per_step = cfg.gpus * cfg.per_gpu_batch
+    loss_sum = torch.zeros((), device=device)
+    start = time.perf_counter()
+    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", ctx["show_progress"], images_per_step)
+    for step, (images, labels) in enumerate(bar):
+        if ctx["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with ctx["autocast"]():
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if ctx["sync_buffers_every_step"]:  # layers that read running stats while training (batch renorm)
+            distributed.average_buffers(ctx["raw_model"], d)
+        loss_sum += loss.detach()
+        # Check for divergence only every so often: each check waits for the device.
+        if (step + 1) % cfg.logger.check_every == 0 or step + 1 == len(loader):
+            if distributed.broadcast_flag(not torch.isfinite(loss_sum).item(), d, device):
+                raise Diverged(epoch + 1)
+            if bar is not loader:
+                bar.set_postfix({"loss": f"{loss_sum.item() / (step + 1):.3f}",
+                                 "img/s": f"{(step + 1) * images_per_step / (time.perf_counter() - start):.0f}"})
+    seconds = time.perf_counter() - start
+    loss_mean = distributed.all_reduce_sum(loss_sum.detach().clone(), d).item() / (len(loader) * d.world_size)
+    return {"train_loss": loss_mean, "images_per_s": len(loader) * images_per_step / seconds, "epoch_time_s": seconds}
+
+
+@torch.no_grad()
+def evaluate(model, loader, ctx) -> dict:
+    model.eval()
+    device = ctx["device"]
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, loss sum, count
+    for images, labels in loader:
+        if ctx["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with ctx["autocast"]():
+            logits = model(images).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        totals += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(),
+                               F.cross_entropy(logits, labels, reduction="sum"),
+                               torch.tensor(labels.numel(), device=device)]).double()
+    top1, top5, loss, count = distributed.all_reduce_sum(totals, ctx["dist"]).tolist()
+    return {"top1_error": 100.0 * (1 - top1 / count), "top5_error": 100.0 * (1 - top5 / count),
+            "eval_loss": loss / count}
+
+
+def median_last5(history: list[dict]) -> float | None:
+    errors = [row["top1_error"] for row in history[-5:]]
+    return statistics.median(errors) if errors else None
+
+
+# ---- one run ------------------------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> dict:
+    """Train (or resume, or skip) the run `cfg` describes; returns its result, with `outcome` saying which of
+    completed / skipped / resumed / diverged / failed / busy happened (for the sweep summary)."""
+    from normbench.data import DataError, build_data
+    from normbench.models import build_model
+    from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
+                                 uses_batch_stats_in_training)
+
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    validate(config)
+    device = resolve_device(cfg.device)
+    d = distributed.setup(device.type)
+    if cfg.gpus % d.world_size:
+        raise ConfigError(f"gpus={cfg.gpus} is not divisible by the world size {d.world_size}; "
+                          f"launch a number of processes dividing {cfg.gpus}")
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    directory = runs.run_dir(config)
+    previous = runs.read_json(directory / "result.json")
+    if previous and previous["status"] in ("completed", "diverged"):
+        log.info("skip %s: already %s", directory, previous["status"])
+        return {**previous, "outcome": "skipped"}
+
+    fast = fast_settings(config, device)
+    torch.backends.cudnn.benchmark = fast["cudnn_benchmark"]
+    torch.manual_seed(cfg.seed)
+    try:  # everything a bad config can break, before a single file is written
+        data = build_data(cfg.data, global_batch=cfg.gpus * cfg.per_gpu_batch, rank=d.rank,
+                          world_size=d.world_size, seed=cfg.seed, device=device)
+        layer = norm_layer(cfg.norm.name, **norm_options(config))
+        model = build_model(cfg.model, layer, data.num_classes, data.in_channels)
+    except (NormConfigError, DataError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    if cfg.norm.name == "syncbn" and d.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device, memory_format=torch.channels_last if fast["channels_last"] else torch.preserve_format)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(data.train))
+
+    lock = runs.RunLock(directory) if d.is_main else None
+    busy = not lock.acquire() if lock else False
+    if distributed.broadcast_flag(busy, d, device):
+        log.info("skip %s: another process is training it", directory)
+        return {"status": "running", "outcome": "busy", "run_dir": str(directory)}
+    try:
+        return _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler,
+                    reestimate_batch_average, switchable_importance, uses_batch_stats_in_training(model))
+    finally:
+        if lock:
+            lock.release()
+
+
+def _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler,
+         reestimate_batch_average, switchable_importance, sync_every_step) -> dict:
+    started = time.perf_counter()
+    checkpoint_path, metrics_path = directory / "checkpoint.pt", directory / "metrics.jsonl"
+    start_epoch, history, wall_before = 0, [], 0.0
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, wall_before = state["epoch"], state["wall_time_s"]
+        history = runs.read_metrics(metrics_path)[:start_epoch]  # drop epochs past the checkpoint
+        log.info("resume %s from epoch %d", directory, start_epoch)
+    outcome = "resumed" if start_epoch else "completed"
+    if d.is_main:
+        runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        runs.write_text(directory / "overrides.yaml", OmegaConf.to_yaml(_command_line_overrides()))
+        runs.write_json(directory / "env.json", {**runs.environment(str(device)), "fast": fast,
+                                                 "world_size": d.world_size})
+    train_model = model
+    if d.enabled:  # per-GPU statistics: never broadcast rank 0's buffers (see distributed.average_buffers)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if fast["compile"]:
+        train_model = torch.compile(train_model)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fast["amp"])
+    ctx = {"device": device, "dist": d, "raw_model": model, "channels_last": fast["channels_last"],
+           "sync_buffers_every_step": sync_every_step and d.enabled,
+           "show_progress": d.is_main and cfg.logger.progress,
+           "autocast": (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext}
+
+    name = directory.name
+    status, diverged_epoch, error = "completed", None, None
+    with Tracker(cfg, directory, name, runs.run_id(config), config, enabled=d.is_main) as tracker:
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                lr = optimizer.param_groups[0]["lr"]
+                row = train_one_epoch(train_model, data.train, optimizer, scheduler, epoch, cfg, ctx)
+                distributed.average_buffers(model, d)
+                if cfg.norm.name == "sn" and cfg.norm.inference == "batch_average":
+                    data.train.set_epoch(epoch)
+                    batches = (x for _, (x, _) in zip(range(cfg.norm.reestimate_batches), data.train))
+                    reestimate_batch_average(model, batches)
+                row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, ctx)}
+                history.append(row)
+                log.info("epoch %d/%d  loss %.4f  top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s  %.1fs",
+                         epoch + 1, cfg.epochs, row["train_loss"], row["top1_error"], row["top5_error"],
+                         row["images_per_s"], row["epoch_time_s"])
+                if d.is_main:
+                    tracker.log(row, step=epoch + 1)
+                    runs.write_metrics(directory / "metrics.jsonl", history)
+                    runs.save_torch(checkpoint_path, {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                        "wall_time_s": wall_before + time.perf_counter() - started})
+        except Diverged as stop:
+            status, diverged_epoch, outcome = "diverged", stop.args[0], "diverged"
+            log.warning("run diverged: non-finite training loss in epoch %d; recorded as a result", diverged_epoch)
+        except Exception as err:  # a crash is recorded, then raised: the sweep counts it, a single run exits 1
+            status, error, outcome = "failed", f"{type(err).__name__}: {err}", "failed"
+            raise
+        finally:
+            result = _result(config, status, history, diverged_epoch, error,
+                             wall_before + time.perf_counter() - started, model, switchable_importance)
+            if d.is_main:
+                runs.write_json(directory / "result.json", result)
+                tracker.summary({k: v for k, v in result.items() if k.startswith("top")})
+    log.info("%s: %s  top-1 err final %s  median(last 5) %s", directory, status,
+             result["top1_error_final"], result["top1_error_median_last5"])
+    return {**result, "outcome": outcome}
+
+
+def _result(config, status, history, diverged_epoch, error, wall_time_s, model, switchable_importance) -> dict:
+    done = status == "completed"
+    last = history[-1] if history else {}
+    importance = switchable_importance(model) if config["norm"]["name"] == "sn" else None
+    return {
+        "status": status, "experiment": config["experiment"], "run_id": runs.run_id(config),
+        "run_dir": str(Path(config["experiment"]) / runs.run_name(config)),
+        "model": config["model"]["id"], "data": config["data"]["name"], "norm": norm_label(config),
+        "norm_options": norm_options(config), "gpus": config["gpus"], "per_gpu_batch": config["per_gpu_batch"],
+        "seed": config["seed"], "epochs": config["epochs"], "epochs_completed": len(history),
+        "top1_error_final": last.get("top1_error") if done else None,
+        "top1_error_median_last5": median_last5(history) if done else None,
+        "top5_error_final": last.get("top5_error") if done else None,
+        "diverged_epoch": diverged_epoch, "error_message": error, "wall_time_s": round(wall_time_s, 2),
+        "sn_importance": importance, "lr": learning_rate_of(config),
+        "git": runs.git_state(), "config": config,
+    }
+
+
+def learning_rate_of(config: dict) -> float:
+    return learning_rate(OmegaConf.create(config))
+
+
+def _command_line_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> dict:
+    try:
+        return train(cfg)
+    except ConfigError as err:
+        if _in_multirun():
+            raise  # the sweep records it as failed and goes on
+        print(f"normbench train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The training pipeline end to end: composed from the real configs, shrunk to seconds."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, cli, compose
+from normbench.train import train
+
+
+def _run(tmp_path, *extra):
+    return train(compose(TINY + [f"results_dir={tmp_path}", *extra]))
+
+
+def _run_dirs(root):
+    return sorted(p.parent for p in root.rglob("result.json"))
+
+
+def test_run_writes_its_directory_and_is_skipped_when_rerun(tmp_path):
+    result = _run(tmp_path)
+    assert result["status"] == "completed" and result["outcome"] == "completed"
+    (run,) = _run_dirs(tmp_path)
+    for name in ("config.yaml", "overrides.yaml", "env.json", "metrics.jsonl", "result.json", "checkpoint.pt"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    on_disk = json.loads((run / "result.json").read_text())
+    assert on_disk["top1_error_final"] == rows[-1]["top1_error"]
+    assert on_disk["top1_error_median_last5"] == statistics.median(r["top1_error"] for r in rows)
+    assert on_disk["top5_error_final"] == rows[-1]["top5_error"]
+    assert (on_disk["model"], on_disk["data"], on_disk["norm"]) == ("cifar_resnet8", "synthetic", "bn")
+    assert (on_disk["gpus"], on_disk["per_gpu_batch"], on_disk["seed"], on_disk["epochs"]) == (4, 8, 0, 2)
+    assert on_disk["norm_options"]["per_gpu_batch"] == 8
+    assert on_disk["lr"] == pytest.approx(0.1 * 4 * 8 / 256)  # the papers' linear rule
+    assert on_disk["wall_time_s"] > 0 and on_disk["config"]["per_gpu_batch"] == 8
+    env = json.loads((run / "env.json").read_text())
+    assert env["git"]["commit"] is None or len(env["git"]["commit"]) == 40
+    assert env["versions"]["torch"] == torch.__version__
+    again = _run(tmp_path)
+    assert again["outcome"] == "skipped" and again["top1_error_final"] == on_disk["top1_error_final"]
+
+
+def test_learning_rate_schedule_in_metrics_follows_the_step_rule(tmp_path):
+    _run(tmp_path, "epochs=4", "schedule.milestones=[0.5]", "schedule.gamma=0.1")
+    (run,) = _run_dirs(tmp_path)
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    peak = 0.1 * 4 * 8 / 256
+    assert lrs == pytest.approx([peak, peak, peak * 0.1, peak * 0.1])
+
+
+def test_training_learns_the_synthetic_task(tmp_path):
+    result = _run(tmp_path, "epochs=4", "base_lr=0.4")
+    assert result["top1_error_final"] < 50.0  # chance is 75% with 4 classes
+
+
+def test_non_finite_loss_is_a_diverged_result_not_a_crash(tmp_path):
+    result = _run(tmp_path, "norm=none", "base_lr=1e6", "logger.check_every=1")
+    assert result["status"] == "diverged" and result["diverged_epoch"] == 1
+    (run,) = _run_dirs(tmp_path)
+    assert json.loads((run / "result.json").read_text())["status"] == "diverged"
+    assert _run(tmp_path, "norm=none", "base_lr=1e6", "logger.check_every=1")["outcome"] == "skipped"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("norm.groups=3", ["gn", "3"]),              # groups do not divide the channels
+    ("per_gpu_batch=0", ["per_gpu_batch"]),
+    ("schedule.name=linear", ["schedule.name"]),
+    ("nosuchkey=1", ["nosuchkey"]),               # mistyped setting
+    ("data.root=/nonexistent", ["/nonexistent"]),
+])
+def test_bad_input_fails_in_one_line_before_writing_anything(tmp_path, override, words):
+    base = [a for a in TINY if not a.startswith("data")] if override.startswith("data.root") else TINY
+    extra = ["data=fashion_mnist", "data.download=false"] if override.startswith("data.root") else []
+    norm = ["norm=gn"] if override.startswith("norm.groups") else []
+    proc = cli("train", *base, *extra, *norm, override, f"results_dir={tmp_path}")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not list(tmp_path.rglob("result.json")) and not (tmp_path / "adhoc").exists()
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def test_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_result(tmp_path):
+    args = [*TINY, "data.num_train=4096", "epochs=3", "per_gpu_batch=4"]
+    reference = cli("train", *args, f"results_dir={tmp_path / 'ref'}")
+    assert reference.returncode == 0, reference.stderr
+    command = [sys.executable, "-m", "normbench.cli", "train", *args, f"results_dir={tmp_path / 'killed'}"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed").rglob("checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = [p.parent for p in (tmp_path / "killed").rglob("checkpoint.pt")]
+    assert not (killed / "result.json").exists(), "the run finished before it was killed; make it longer"
+    resumed = cli("train", *args, f"results_dir={tmp_path / 'killed'}")
+    assert resumed.returncode == 0, resumed.stderr
+    (ref,) = _run_dirs(tmp_path / "ref")
+    a, b = json.loads((ref / "result.json").read_text()), json.loads((killed / "result.json").read_text())
+    assert a["top1_error_final"] == b["top1_error_final"] and a["epochs_completed"] == b["epochs_completed"] == 3
+    assert (ref / "metrics.jsonl").read_text().count("\n") == (killed / "metrics.jsonl").read_text().count("\n")
+    wa, wb = _weights(ref), _weights(killed)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("norm", ["bn", "sn"])
+def test_two_process_ddp_matches_one_process_emulation(tmp_path, norm):
+    args = [*TINY, f"norm={norm}", "epochs=1", "data.num_train=128"]
+    single = cli("train", *args, f"results_dir={tmp_path / 'one'}")
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "normbench.train", *args, f"results_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    (one,), (two,) = _run_dirs(tmp_path / "one"), _run_dirs(tmp_path / "two")
+    assert one.name == two.name  # same identifying config, same run
+    wa, wb = _weights(one), _weights(two)
+    assert any("running_mean" in k for k in wa)
+    for key in wa:
+        torch.testing.assert_close(wa[key].double(), wb[key].double(), rtol=1e-4, atol=1e-5, msg=key)
+    ra, rb = json.loads((one / "result.json").read_text()), json.loads((two / "result.json").read_text())
+    assert ra["top1_error_final"] == pytest.approx(rb["top1_error_final"], abs=1.0)
+
+
+def test_channels_last_changes_nothing_beyond_float_error(tmp_path):
+    # width 8: torch 2.14's CPU channels_last conv backward corrupts the heap on 4-channel layers
+    plain = _run(tmp_path / "a", "epochs=1", "model.width=8", "fast.channels_last=false")
+    fast = _run(tmp_path / "b", "epochs=1", "model.width=8", "fast.channels_last=true")
+    assert plain["run_id"] == fast["run_id"]  # a speed switch is not part of the run's identity
+    (a,), (b,) = _run_dirs(tmp_path / "a"), _run_dirs(tmp_path / "b")
+    wa, wb = _weights(a), _weights(b)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4, msg=key)
