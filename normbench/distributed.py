@@ -23,7 +23,20 @@ class Dist:
         return self.world_size > 1
 
 
+def _export_submitit_env() -> None:
+    """Inside a submitit (SLURM) job with several tasks, export the env:// variables torchrun would set."""
+    try:
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    except Exception:  # noqa: BLE001 -- not a submitit job: nothing to export
+        pass
+
+
 def setup(device_kind: str) -> Dist:
+    if "WORLD_SIZE" not in os.environ and ("SUBMITIT_EXECUTOR" in os.environ or "SLURM_JOB_ID" in os.environ):
+        _export_submitit_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist()

@@ -1,0 +1,98 @@
+"""Sweeps: grids from the real experiment configs, idempotent reruns, concurrent sweeps, failures, launchers."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from conftest import REPO, TINY, cli, compose
+from hydra_plugins.normbench_sweeper.normbench_sweeper import plan_jobs
+
+# The tiny run, minus the settings a grid sweeps over.
+SWEEP_TINY = [a for a in TINY if not a.startswith(("per_gpu_batch=", "epochs="))] + ["epochs=1"]
+
+
+def _grid(*overrides):
+    cfg = compose(list(overrides))
+    return [dict(b) for b in cfg.sweep.grid], list(cfg.sweep.seeds), dict(cfg.sweep.allowed)
+
+
+def _summary(stdout: str) -> dict:
+    line = [l for l in stdout.splitlines() if re.match(r"sweep \S+: \d+ runs:", l)][-1]
+    return {k: int(v) for v, k in re.findall(r"(\d+) (completed|skipped|resumed|diverged|busy|failed)", line)}
+
+
+def test_sn_table_grid_has_the_papers_cells():
+    grid, seeds, allowed = _grid("experiment=sn_table")
+    jobs = plan_jobs([[]], grid, seeds, allowed)
+    cells = {(dict(o.split("=") for o in j)["norm"], int(dict(o.split("=") for o in j)["gpus"]),
+              int(dict(o.split("=") for o in j)["per_gpu_batch"])) for j in jobs}
+    settings = [(8, 32), (8, 16), (8, 8), (8, 4), (8, 2), (1, 16), (1, 32), (8, 1), (1, 8)]
+    expected = {(n, g, b) for n in ("bn", "gn", "sn") for g, b in settings} - {("bn", 8, 1)}
+    assert cells == expected and len(jobs) == 26
+    (sn_one,) = [j for j in jobs if "norm=sn" in j and "per_gpu_batch=1" in j]
+    assert "norm.use_bn=false" in sn_one
+
+
+def test_command_line_value_selects_a_slice_and_seeds_multiply():
+    grid, _, _ = _grid("experiment=gn_table2")
+    jobs = plan_jobs([["per_gpu_batch=2"]], grid, [0, 1], {})
+    assert sorted(" ".join(sorted(j)) for j in jobs) == sorted(
+        " ".join(sorted(["per_gpu_batch=2", f"norm={n}", f"seed={s}"])) for n in ("bn", "gn") for s in (0, 1))
+
+
+def test_small_presets_keep_only_group_counts_their_model_has():
+    grid, seeds, allowed = _grid("experiment=gn_groups", "preset=fashion_mnist")
+    jobs = plan_jobs([[]], grid, seeds, allowed)
+    assert sorted(int(j[0].split("=")[1]) for j in jobs) == [1, 2, 4, 8, 16]
+
+
+def test_sweep_runs_the_grid_then_skips_it_and_reports(tmp_path):
+    first = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, f"results_dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert _summary(first.stdout) == {"completed": 10, "skipped": 0, "resumed": 0, "diverged": 0, "busy": 0,
+                                      "failed": 0}
+    results = [json.loads(p.read_text()) for p in tmp_path.rglob("result.json")]
+    assert sorted((r["norm"], r["per_gpu_batch"]) for r in results) == sorted(
+        (n, b) for n in ("bn", "gn") for b in (32, 16, 8, 4, 2))
+    assert {r["experiment"] for r in results} == {"gn_table2"}
+    again = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, f"results_dir={tmp_path}")
+    assert _summary(again.stdout)["skipped"] == 10
+    report = cli("report", "experiment=gn_table2", f"results_dir={tmp_path}")
+    assert report.returncode == 0, report.stderr
+    for suffix in ("md", "csv", "png"):
+        assert (tmp_path / "reports" / f"gn_table2.{suffix}").stat().st_size > 0
+
+
+def test_two_sweeps_at_once_never_run_a_config_twice(tmp_path):
+    command = [sys.executable, "-m", "normbench.cli", "sweep", "experiment=gn_table2", *SWEEP_TINY,
+               f"results_dir={tmp_path}"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    procs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    summaries = [_summary(o[0]) for o in outs]
+    assert sum(s["completed"] for s in summaries) == 10  # each config trained exactly once
+    assert all(s["failed"] == 0 for s in summaries)
+    assert len(list(tmp_path.rglob("result.json"))) == 10
+
+
+def test_a_failing_run_is_counted_and_the_sweep_goes_on(tmp_path):
+    # width-4 model: 4, 8 and 16 channels, so 64, 32, 16 and 8 groups cannot divide its first layers
+    proc = cli("sweep", "experiment=gn_groups", *SWEEP_TINY, "per_gpu_batch=8", f"results_dir={tmp_path}")
+    assert proc.returncode == 1
+    summary = _summary(proc.stdout)
+    assert summary["completed"] == 3 and summary["failed"] == 4
+    done = sorted(json.loads(p.read_text())["norm_options"]["groups"] for p in tmp_path.rglob("result.json"))
+    assert done == [1, 2, 4]
+    assert "does not divide" in proc.stderr
+
+
+def test_submitit_local_launcher_runs_the_sweep(tmp_path):
+    proc = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, "per_gpu_batch=32", "hydra/launcher=local",
+               f"results_dir={tmp_path}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _summary(proc.stdout)["completed"] == 2
+    assert sorted(json.loads(p.read_text())["norm"] for p in tmp_path.rglob("result.json")) == ["bn", "gn"]
