@@ -1,0 +1,139 @@
+"""Shared pieces of the norm library: the error type, the marker base class and option checks.
+
+Every bad-input error raised by this package is a :class:`NormConfigError` (a ``ValueError``) whose message
+is ONE line naming the layer, the offending numbers and the fix.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NormConfigError",
+    "NormLayer",
+    "check_int",
+    "check_float",
+    "check_bool",
+    "check_choice",
+    "check_channels",
+    "check_input",
+    "split_chunks",
+]
+
+
+class NormConfigError(ValueError):
+    """A normalization layer was asked for something it cannot do (one-line message: layer, numbers, fix)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # guarantee a single line
+
+
+class NormLayer:
+    """Marker mixin for every layer built by :func:`normbench.norms.build_norm`.
+
+    ``is_norm_layer`` recognizes it (weight-decay grouping); ``reads_running_stats_in_training`` is True for
+    layers whose training forward reads running statistics (Batch Renorm), which then need their buffers
+    synchronized across DDP ranks every step.
+    """
+
+    norm_name: str = "norm"
+    reads_running_stats_in_training: bool = False
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_int(layer: str, name: str, value, minimum: int | None = 1, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if not _is_int(value):
+        raise NormConfigError(f"{layer}: {name}={value!r} must be an integer" + (" or None" if allow_none else ""))
+    if minimum is not None and value < minimum:
+        raise NormConfigError(f"{layer}: {name}={value} must be >= {minimum}")
+    return int(value)
+
+
+def check_float(layer: str, name: str, value, low: float | None = None, high: float | None = None,
+                low_open: bool = False, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise NormConfigError(f"{layer}: {name}={value!r} must be a number")
+    value = float(value)
+    if value != value:
+        raise NormConfigError(f"{layer}: {name}=nan is not allowed")
+    if low is not None and (value <= low if low_open else value < low):
+        raise NormConfigError(f"{layer}: {name}={value} must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        raise NormConfigError(f"{layer}: {name}={value} must be <= {high}")
+    return value
+
+
+def check_bool(layer: str, name: str, value):
+    if not isinstance(value, bool):
+        raise NormConfigError(f"{layer}: {name}={value!r} must be true or false")
+    return value
+
+
+def check_choice(layer: str, name: str, value, choices):
+    if value not in choices:
+        raise NormConfigError(f"{layer}: {name}={value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_eps(layer: str, value):
+    return check_float(layer, "eps", value, low=0.0, low_open=True)
+
+
+def check_momentum(layer: str, value):
+    return check_float(layer, "momentum", value, low=0.0, high=1.0)
+
+
+def check_channels(layer: str, num_channels, minimum: int = 1) -> int:
+    if not _is_int(num_channels):
+        raise NormConfigError(f"{layer}: num_channels={num_channels!r} must be an integer")
+    if num_channels < minimum:
+        raise NormConfigError(f"{layer}: num_channels={num_channels} must be >= {minimum}")
+    return int(num_channels)
+
+
+def check_input(layer: str, x: Tensor, num_channels: int) -> None:
+    if x.dim() != 4:
+        raise NormConfigError(f"{layer}: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    if x.shape[1] != num_channels:
+        raise NormConfigError(
+            f"{layer}: input has {x.shape[1]} channels but the layer was built for num_channels={num_channels}")
+
+
+def split_chunks(layer: str, x: Tensor, per_gpu_batch: int | None) -> tuple[int, int]:
+    """(k, n): a batch of N = k x n images, one chunk of n consecutive images per emulated GPU."""
+    n_total = x.shape[0]
+    if per_gpu_batch is None or per_gpu_batch == n_total:
+        return 1, n_total
+    if n_total % per_gpu_batch != 0:
+        raise NormConfigError(
+            f"{layer}: batch of N={n_total} is not a multiple of per_gpu_batch={per_gpu_batch}; "
+            f"use a batch of k x {per_gpu_batch} images (e.g. drop_last=True) or change per_gpu_batch")
+    return n_total // per_gpu_batch, per_gpu_batch
+
+
+def check_values_per_channel(layer: str, n: int, x: Tensor, fix: str = "use more images per GPU") -> int:
+    """Number of values per channel per chunk (M = n*H*W); a training batch statistic needs M >= 2."""
+    m = n * x.shape[2] * x.shape[3]
+    if m < 2:
+        raise NormConfigError(
+            f"{layer}: a per-GPU chunk of n={n} image(s) with a {x.shape[2]}x{x.shape[3]} map gives {m} value "
+            f"per channel, so the batch variance is undefined; {fix}")
+    return m
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def factory_kwargs(device=None, dtype=None) -> dict:
+    return {"device": device, "dtype": dtype}

@@ -1,0 +1,161 @@
+"""BatchNorm2d with per-GPU statistics, emulated on one device.
+
+The papers compute BN statistics per GPU and never synchronize them (8 GPUs x b images). A training batch of
+N = k x ``per_gpu_batch`` images is treated as k consecutive chunks, one per emulated GPU; each chunk is
+normalized with its own mean and biased variance over (n, H, W). The whole thing is ONE kernel-level op
+(no Python loop over chunks).
+
+Running statistics (state this in every report): each chunk would apply the usual update
+``running = (1 - momentum) * running + momentum * stat_chunk`` (unbiased variance, as ``nn.BatchNorm2d``);
+the layer stores the **average over the k chunks of those updates**, i.e.
+``running = (1 - momentum) * running + momentum * mean_k(stat_chunk)``. This is what DDP with per-GPU BN
+would hold if running statistics were averaged across ranks (rather than broadcast from rank 0, trap 3 in
+papers.md). Eval uses the running statistics.
+
+Deliberately NOT a subclass of ``nn.modules.batchnorm._BatchNorm``: ``nn.SyncBatchNorm.convert_sync_batchnorm``
+leaves it alone, so a generic DDP "sync BN" preset cannot silently turn per-GPU BN into SyncBN (use ``syncbn``
+for that). ``is_norm_layer`` still recognizes it; its state-dict keys match ``nn.BatchNorm2d``'s.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import (NormLayer, check_channels, check_eps, check_input, check_int, check_momentum,
+                      check_values_per_channel, split_chunks)
+from ._fused import stats_affine, var_mean
+
+__all__ = ["PerGPUBatchNorm2d", "SyncBatchNorm2d", "chunked_batch_norm"]
+
+# "transpose": copy into (n, k*C, H, W) and call F.batch_norm once with repeated weight / running stats.
+# "fused": one var_mean over a (k, n, C, H, W) view + one fused affine with a custom backward.
+# "fused" measured faster on CPU (bench_norms.py rows "bn k=8 transpose" vs "bn k=8 fused"); both are tested.
+PER_GPU_IMPL = "fused"
+
+
+def _bn_coeffs(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    c = weight.numel()
+    a = weight.view(1, 1, c, 1, 1) * torch.rsqrt(var + eps)
+    return a, bias.view(1, 1, c, 1, 1) - mean * a
+
+
+def _to_kc(x: Tensor, k: int, n: int) -> Tensor:
+    """(k*n, C, H, W) -> (n, k*C, H, W) copy, keeping channels_last-ness."""
+    N, C, H, W = x.shape
+    x5 = x.view(k, n, C, H, W)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        t = x5.permute(1, 3, 4, 0, 2).contiguous()  # (n, H, W, k, C)
+        return t.view(n, H, W, k * C).permute(0, 3, 1, 2)
+    return x5.transpose(0, 1).reshape(n, k * C, H, W)
+
+
+def _from_kc(y: Tensor, k: int, n: int, channels_last: bool) -> Tensor:
+    n_, kc, H, W = y.shape
+    C = kc // k
+    if channels_last:
+        t = y.permute(0, 2, 3, 1).reshape(n, H, W, k, C).permute(3, 0, 1, 2, 4)  # (k, n, H, W, C)
+        return t.reshape(k * n, H, W, C).permute(0, 3, 1, 2)
+    return y.view(n, k, C, H, W).transpose(0, 1).reshape(k * n, C, H, W)
+
+
+def chunked_batch_norm(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor, bias: Tensor,
+                       k: int, n: int, momentum: float, eps: float, impl: str | None = None) -> Tensor:
+    """Training-mode BN with per-chunk statistics (k chunks of n images); updates the running stats in place
+    with the average over chunks of each chunk's update."""
+    impl = impl or PER_GPU_IMPL
+    if k == 1:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    N, C, H, W = x.shape
+    if impl == "transpose":
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        rm = running_mean.repeat(k)
+        rv = running_var.repeat(k)
+        y = F.batch_norm(_to_kc(x, k, n), rm, rv, weight.repeat(k), bias.repeat(k), True, momentum, eps)
+        with torch.no_grad():
+            running_mean.copy_(rm.view(k, C).mean(0))
+            running_var.copy_(rv.view(k, C).mean(0))
+        return _from_kc(y, k, n, channels_last)
+    if impl != "fused":
+        raise ValueError(f"bn: unknown per-GPU implementation {impl!r}")
+    x5 = x.view(k, n, C, H, W)
+    with torch.no_grad():
+        var, mean, scratch = var_mean(x5, (1, 3, 4), return_scratch=True)  # (k,1,C,1,1), biased
+        m = n * H * W
+        running_mean.lerp_(mean.view(k, C).mean(0).to(running_mean.dtype), momentum)
+        running_var.lerp_((var.view(k, C).mean(0) * (m / (m - 1))).to(running_var.dtype), momentum)
+    y = stats_affine(x5, mean, var, lambda mu, v, w, b: _bn_coeffs(mu, v, w, b, eps), weight, bias, out=scratch)
+    return y.view(N, C, H, W)
+
+
+class PerGPUBatchNorm2d(NormLayer, nn.Module):
+    """BatchNorm2d whose training statistics are computed per chunk of ``per_gpu_batch`` images.
+
+    Args:
+        num_channels: C.
+        per_gpu_batch: images per emulated GPU; None = the whole batch is one GPU (plain BN).
+        momentum: PyTorch convention (weight of the new statistic), 0.1.
+        eps: 1e-5.
+    """
+
+    norm_name = "bn"
+
+    @staticmethod
+    def check_options(per_gpu_batch=None, momentum=0.1, eps=1e-5, _layer="bn"):
+        check_int(_layer, "per_gpu_batch", per_gpu_batch, minimum=1, allow_none=True)
+        check_momentum(_layer, momentum)
+        check_eps(_layer, eps)
+
+    def __init__(self, num_channels: int, per_gpu_batch: int | None = None, momentum: float = 0.1,
+                 eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.check_options(per_gpu_batch, momentum, eps, _layer=self.norm_name)
+        self.num_features = self.num_channels = check_channels(self.norm_name, num_channels)
+        self.per_gpu_batch = per_gpu_batch
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        fk = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_channels, **fk))
+        self.bias = nn.Parameter(torch.zeros(num_channels, **fk))
+        self.register_buffer("running_mean", torch.zeros(num_channels, **fk))
+        self.register_buffer("running_var", torch.ones(num_channels, **fk))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, "
+                f"eps={self.eps}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(self.norm_name, x, self.num_channels)
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        k, n = split_chunks(self.norm_name, x, self.per_gpu_batch)
+        check_values_per_channel(self.norm_name, n, x)
+        self.num_batches_tracked.add_(1)
+        return chunked_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                  k, n, self.momentum, self.eps)
+
+
+class SyncBatchNorm2d(NormLayer, nn.BatchNorm2d):
+    """``syncbn``: a plain ``nn.BatchNorm2d`` (statistics over the real process's whole batch) meant to be
+    converted by the trainer with ``nn.SyncBatchNorm.convert_sync_batchnorm`` under DDP. On one process it
+    is ordinary BN. (The conversion produces a built-in ``nn.SyncBatchNorm``.)"""
+
+    norm_name = "syncbn"
+
+    @staticmethod
+    def check_options(momentum=0.1, eps=1e-5, _layer="syncbn"):
+        check_momentum(_layer, momentum)
+        check_eps(_layer, eps)
+
+    def __init__(self, num_channels: int, momentum: float = 0.1, eps: float = 1e-5, device=None, dtype=None):
+        self.check_options(momentum, eps)
+        super().__init__(check_channels(self.norm_name, num_channels), eps=eps, momentum=momentum,
+                         device=device, dtype=dtype)

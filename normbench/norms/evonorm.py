@@ -1,0 +1,108 @@
+"""EvoNorm-B0 and EvoNorm-S0 (Liu et al. 2020), following timm's reference implementations.
+
+B0:  y = x / max(sqrt(var_batch + eps), v * x + sqrt(var_instance + eps)) * weight + bias
+     var_batch: biased, over (n, H, W) per channel and per-GPU chunk (``per_gpu_batch``); the running
+     average (unbiased, average over chunks of each chunk's update, PyTorch momentum) replaces it at eval.
+     var_instance: biased, over (H, W) per sample and channel. v init 1.
+S0:  y = x * sigmoid(v * x) / sqrt(var_group + eps) * weight + bias, var_group biased over (C/G, H, W)
+     per sample, ``groups``=32 (must divide C). v init 1. Same in train and eval.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._common import (NormLayer, check_channels, check_eps, check_input, check_int, check_momentum,
+                      check_values_per_channel, split_chunks)
+from ._fused import var_mean
+from .group_norm import resolve_groups
+
+__all__ = ["EvoNorm2dB0", "EvoNorm2dS0"]
+
+
+class EvoNorm2dB0(NormLayer, nn.Module):
+    """``evonorm_b0``."""
+
+    norm_name = "evonorm_b0"
+
+    @staticmethod
+    def check_options(per_gpu_batch=None, momentum=0.1, eps=1e-5, _layer="evonorm_b0"):
+        check_int(_layer, "per_gpu_batch", per_gpu_batch, minimum=1, allow_none=True)
+        check_momentum(_layer, momentum)
+        check_eps(_layer, eps)
+
+    def __init__(self, num_channels: int, per_gpu_batch: int | None = None, momentum: float = 0.1,
+                 eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.check_options(per_gpu_batch, momentum, eps)
+        self.num_channels = self.num_features = check_channels(self.norm_name, num_channels)
+        self.per_gpu_batch = per_gpu_batch
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        fk = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_channels, **fk))
+        self.bias = nn.Parameter(torch.zeros(num_channels, **fk))
+        self.v = nn.Parameter(torch.ones(num_channels, **fk))
+        self.register_buffer("running_var", torch.ones(num_channels, **fk))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(self.norm_name, x, self.num_channels)
+        N, C, H, W = x.shape
+        shape = (1, C, 1, 1)
+        if self.training:
+            k, n = split_chunks(self.norm_name, x, self.per_gpu_batch)
+            m = check_values_per_channel(self.norm_name, n, x)
+            x5 = x.view(k, n, C, H, W)
+            mean = x5.mean((1, 3, 4), keepdim=True)
+            var_b = (x5 - mean).square().mean((1, 3, 4), keepdim=True)  # (k, 1, C, 1, 1) biased
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                self.running_var.lerp_((var_b.view(k, C).mean(0) * (m / (m - 1))).to(self.running_var.dtype),
+                                       self.momentum)
+            left = torch.sqrt(var_b + self.eps).expand(k, n, C, 1, 1).reshape(N, C, 1, 1)
+        else:
+            left = torch.sqrt(self.running_var + self.eps).view(shape)
+        var_i = x.var(dim=(2, 3), correction=0, keepdim=True)
+        right = torch.addcmul(torch.sqrt(var_i + self.eps), x, self.v.view(shape))
+        y = x / torch.maximum(left, right)
+        return torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
+
+
+class EvoNorm2dS0(NormLayer, nn.Module):
+    """``evonorm_s0``."""
+
+    norm_name = "evonorm_s0"
+
+    @staticmethod
+    def check_options(groups=32, eps=1e-5, _layer="evonorm_s0"):
+        check_int(_layer, "groups", groups, minimum=1)
+        check_eps(_layer, eps)
+
+    def __init__(self, num_channels: int, groups: int = 32, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.check_options(groups, eps)
+        self.num_channels = self.num_features = check_channels(self.norm_name, num_channels)
+        self.groups = resolve_groups(self.norm_name, self.num_channels, groups, None)
+        self.eps = float(eps)
+        fk = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_channels, **fk))
+        self.bias = nn.Parameter(torch.zeros(num_channels, **fk))
+        self.v = nn.Parameter(torch.ones(num_channels, **fk))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, groups={self.groups}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(self.norm_name, x, self.num_channels)
+        N, C, H, W = x.shape
+        shape = (1, C, 1, 1)
+        xg = x.view(N, self.groups, C // self.groups, H, W)
+        var_g = xg.var(dim=(2, 3, 4), correction=0, keepdim=True)
+        inv = torch.rsqrt(var_g + self.eps).expand(N, self.groups, C // self.groups, 1, 1).reshape(N, C, 1, 1)
+        y = x * torch.sigmoid(x * self.v.view(shape)) * inv
+        return torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))

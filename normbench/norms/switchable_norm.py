@@ -1,0 +1,245 @@
+"""Switchable Normalization (Luo et al., ICLR 2019).
+
+    mean = w_in m_in + w_ln m_ln + w_bn m_bn,   w = softmax(mean_weight)
+    var  = v_in v_in + v_ln v_ln + v_bn v_bn,   v = softmax(var_weight)       (own control logits)
+    y    = (x - mean) / sqrt(var + eps) * weight + bias
+
+Six control logits (``mean_weight[3]``, ``var_weight[3]``, order in/ln/bn), all initialized to 1.
+
+Statistics are computed ONCE per (sample, channel) -- one reduction over (H, W) -- and LN's and BN's are
+derived from IN's (papers.md section 3):
+    m_ln = mean_c m_in,   v_ln = mean_c (v_in + m_in^2) - m_ln^2
+    m_bn = mean_n m_in,   v_bn = mean_n (v_in + m_in^2) - m_bn^2     (per chunk of per_gpu_batch images)
+followed by a single fused normalize ``y = x * A + B`` with a custom backward (see ``_fused.py``).
+
+Variance decision: **biased** IN variance (divide by H*W), like BN/GN/IN in both papers' tables, whereas the
+official SN code uses the unbiased one. Consequences: LN/BN statistics derived from it are exactly the
+biased LN/BN statistics; a 1x1 feature map is well defined (v_in = 0, the result is finite; no NaN ever).
+The derived variances are clamped at 0 against rounding.
+
+BN part (``use_bn=True``): training uses per-chunk batch statistics (chunk = ``per_gpu_batch`` consecutive
+images; None = whole batch). Running statistics follow ``PerGPUBatchNorm2d``: the average over chunks of each
+chunk's usual update, variance stored unbiased (x M/(M-1), M = n*H*W), PyTorch momentum convention.
+Eval uses
+  * ``inference="moving_average"``: those running statistics;
+  * ``inference="batch_average"``: running statistics re-estimated by :func:`reestimate_batch_average`,
+    the plain average over all chunks of a few training batches of each chunk's (mean, unbiased var).
+``use_bn=False`` mixes IN and LN only (the BN logits are kept for a uniform state dict but unused); it is
+required with ``per_gpu_batch=1`` (BN over one image equals IN).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import (NormConfigError, NormLayer, check_bool, check_channels, check_choice, check_eps,
+                      check_input, check_int, check_momentum, check_values_per_channel, split_chunks)
+from ._fused import stats_affine, var_mean
+
+__all__ = ["SwitchableNorm2d", "switchable_importance", "reestimate_batch_average"]
+
+INFERENCE_MODES = ("moving_average", "batch_average")
+
+
+def _sn_coeffs(m_in: Tensor, v_in: Tensor, mean_logits: Tensor, var_logits: Tensor, weight: Tensor,
+               bias: Tensor, bn_mean: Tensor | None, bn_var: Tensor | None, k: int, eps: float):
+    """(A, B) of y = x*A + B from IN statistics (N, C, 1, 1); bn_mean/var given = eval (running) stats."""
+    N, C = m_in.shape[:2]
+    sq = v_in + m_in * m_in
+    m_ln = m_in.mean(1, keepdim=True)
+    v_ln = (sq.mean(1, keepdim=True) - m_ln * m_ln).clamp_min(0.0)
+    if bn_mean is None and k > 0:  # training: per-chunk batch statistics
+        n = N // k
+        m_bn = m_in.view(k, n, C).mean(1, keepdim=True)
+        v_bn = (sq.view(k, n, C).mean(1, keepdim=True) - m_bn * m_bn).clamp_min(0.0)
+        m_bn = m_bn.expand(k, n, C).reshape(N, C, 1, 1)
+        v_bn = v_bn.expand(k, n, C).reshape(N, C, 1, 1)
+    elif bn_mean is not None:
+        m_bn = bn_mean.view(1, C, 1, 1).to(m_in.dtype)
+        v_bn = bn_var.view(1, C, 1, 1).to(m_in.dtype)
+    else:
+        m_bn = v_bn = None
+    if m_bn is None:
+        wm = torch.softmax(mean_logits[:2], 0)
+        wv = torch.softmax(var_logits[:2], 0)
+        mean = wm[0] * m_in + wm[1] * m_ln
+        var = wv[0] * v_in + wv[1] * v_ln
+    else:
+        wm = torch.softmax(mean_logits, 0)
+        wv = torch.softmax(var_logits, 0)
+        mean = wm[0] * m_in + wm[1] * m_ln + wm[2] * m_bn
+        var = wv[0] * v_in + wv[1] * v_ln + wv[2] * v_bn
+    a = weight.view(1, C, 1, 1) * torch.rsqrt(var + eps)
+    return a, bias.view(1, C, 1, 1) - mean * a
+
+
+class SwitchableNorm2d(NormLayer, nn.Module):
+    """``sn``: Switchable Norm (see the module docstring for the exact semantics and decisions)."""
+
+    norm_name = "sn"
+
+    @staticmethod
+    def check_options(per_gpu_batch=None, use_bn=True, inference="moving_average", momentum=0.1, eps=1e-5,
+                      _layer="sn"):
+        check_int(_layer, "per_gpu_batch", per_gpu_batch, minimum=1, allow_none=True)
+        check_bool(_layer, "use_bn", use_bn)
+        check_choice(_layer, "inference", inference, INFERENCE_MODES)
+        check_momentum(_layer, momentum)
+        check_eps(_layer, eps)
+        if use_bn and per_gpu_batch == 1:
+            raise NormConfigError(
+                f"{_layer}: use_bn=true with per_gpu_batch=1 makes the BN statistics equal IN's (one image per "
+                f"GPU); set use_bn=false (the SN paper mixes IN and LN only at 1 image/GPU)")
+
+    def __init__(self, num_channels: int, per_gpu_batch: int | None = None, use_bn: bool = True,
+                 inference: str = "moving_average", momentum: float = 0.1, eps: float = 1e-5,
+                 device=None, dtype=None):
+        super().__init__()
+        self.check_options(per_gpu_batch, use_bn, inference, momentum, eps)
+        self.num_channels = self.num_features = check_channels(self.norm_name, num_channels)
+        self.per_gpu_batch = per_gpu_batch
+        self.use_bn = use_bn
+        self.inference = inference
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        fk = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_channels, **fk))
+        self.bias = nn.Parameter(torch.zeros(num_channels, **fk))
+        self.mean_weight = nn.Parameter(torch.ones(3, **fk))
+        self.var_weight = nn.Parameter(torch.ones(3, **fk))
+        self.register_buffer("running_mean", torch.zeros(num_channels, **fk))
+        self.register_buffer("running_var", torch.ones(num_channels, **fk))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+        self._reestimating = False  # set by reestimate_batch_average
+        self._acc: list[Tensor] | None = None
+        self._stale_batch_average = False
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, use_bn={self.use_bn}, "
+                f"inference={self.inference!r}, momentum={self.momentum}, eps={self.eps}")
+
+    def importance(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for key, logits in (("mean", self.mean_weight), ("var", self.var_weight)):
+            w = torch.softmax(logits.detach().float()[: 3 if self.use_bn else 2], 0).tolist()
+            out[key] = {"in": w[0], "ln": w[1], "bn": w[2] if self.use_bn else 0.0}
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(self.norm_name, x, self.num_channels)
+        N, C, H, W = x.shape
+        with torch.no_grad():
+            v_in, m_in, scratch = var_mean(x, (2, 3), return_scratch=True)  # (N, C, 1, 1), biased; one pass
+        bn_mean = bn_var = None
+        k = 0
+        if self.use_bn:
+            if self.training:
+                k, n = split_chunks(self.norm_name, x, self.per_gpu_batch)
+                m = check_values_per_channel(self.norm_name, n, x, fix="set use_bn=false or use more images per GPU")
+                self._update_running(m_in, v_in, k, n, m)
+            else:
+                if self.inference == "batch_average" and self._stale_batch_average:
+                    warnings.warn("sn: inference='batch_average' but the BN-part statistics were not re-estimated "
+                                  "since the last training step; call normbench.norms.reestimate_batch_average "
+                                  "before eval", stacklevel=2)
+                    self._stale_batch_average = False
+                bn_mean, bn_var = self.running_mean, self.running_var
+        eps = self.eps
+        if bn_mean is not None:
+            def coeffs(mi, vi, lm, lv, w, b, bm, bv):
+                return _sn_coeffs(mi, vi, lm, lv, w, b, bm, bv, 0, eps)
+            extra = (bn_mean, bn_var)
+        else:
+            def coeffs(mi, vi, lm, lv, w, b):
+                return _sn_coeffs(mi, vi, lm, lv, w, b, None, None, k, eps)
+            extra = ()
+        return stats_affine(x, m_in, v_in, coeffs, self.mean_weight, self.var_weight, self.weight, self.bias,
+                            *extra, out=scratch)
+
+    @torch.no_grad()
+    def _update_running(self, m_in: Tensor, v_in: Tensor, k: int, n: int, m: int) -> None:
+        C = self.num_channels
+        mi = m_in.view(k, n, C)
+        m_bn = mi.mean(1)
+        v_bn = ((v_in.view(k, n, C) + mi * mi).mean(1) - m_bn * m_bn).clamp_min(0.0) * (m / (m - 1))
+        if self._reestimating:
+            if self._acc is None:
+                self._acc = [torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var), 0]
+            self._acc[0] += m_bn.sum(0).to(self.running_mean.dtype)
+            self._acc[1] += v_bn.sum(0).to(self.running_var.dtype)
+            self._acc[2] += k
+            return
+        self.num_batches_tracked.add_(1)
+        self.running_mean.lerp_(m_bn.mean(0).to(self.running_mean.dtype), self.momentum)
+        self.running_var.lerp_(v_bn.mean(0).to(self.running_var.dtype), self.momentum)
+        if self.inference == "batch_average":
+            self._stale_batch_average = True
+
+
+def switchable_importance(model: nn.Module) -> dict[str, dict]:
+    """``{qualified_name: {"mean": {"in", "ln", "bn"}, "var": {...}}}`` (python floats, softmax of the control
+    logits; bn = 0.0 when the layer has no BN part) for every Switchable Norm layer in ``model``."""
+    return {name: m.importance() for name, m in model.named_modules() if isinstance(m, SwitchableNorm2d)}
+
+
+def _first_param_device(model: nn.Module):
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
+
+
+@torch.no_grad()
+def reestimate_batch_average(model: nn.Module, batches: Iterable) -> None:
+    """SN ``inference="batch_average"``: re-estimate the BN-part statistics of every SN layer whose
+    ``inference == "batch_average"`` (moving-average layers are left alone) from ``batches``.
+
+    Runs the model in train mode under no_grad on each batch (a tensor, or a tuple/list whose first element
+    is the input), then sets each such layer's running mean / variance to the plain average over all
+    per-GPU chunks of all batches of the chunk's (mean, unbiased variance). Every other buffer in the model
+    (other norms' running stats, step counters) and every module's train/eval flag is restored afterwards.
+    """
+    layers = [m for m in model.modules() if isinstance(m, SwitchableNorm2d)
+              and m.use_bn and m.inference == "batch_average"]
+    if not layers:
+        return
+    flags = {m: m.training for m in model.modules()}
+    layer_ids = {id(m) for m in layers}
+    saved = [(b, b.clone()) for mod in model.modules() if id(mod) not in layer_ids
+             for b in mod.buffers(recurse=False)]
+    device = _first_param_device(model)
+    for m in layers:
+        m._reestimating, m._acc = True, None
+    try:
+        model.train()
+        seen = 0
+        for batch in batches:
+            if isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            if device is not None and batch.device != device:
+                batch = batch.to(device, non_blocking=True)
+            model(batch)
+            seen += 1
+        if seen == 0:
+            raise NormConfigError("sn: reestimate_batch_average got 0 batches; pass at least one training batch")
+        for m in layers:
+            if m._acc is None:
+                raise NormConfigError("sn: reestimate_batch_average: a batch_average SN layer saw no input; "
+                                      "is it used in the model's forward?")
+            total_m, total_v, count = m._acc
+            m.running_mean.copy_(total_m / count)
+            m.running_var.copy_(total_v / count)
+            m._stale_batch_average = False
+    finally:
+        for m in layers:
+            m._reestimating, m._acc = False, None
+        for b, v in saved:
+            b.copy_(v)
+        for mod, flag in flags.items():
+            mod.training = flag

@@ -1,0 +1,152 @@
+"""Public API of normbench.norms: factory, option validation, norm_layer callables, helpers, model integration."""
+
+import pathlib
+import pickle
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+
+from normbench.norms import (NORM_NAMES, DynamicMomentShortcut, MomentShortcut, NormConfigError,  # noqa: E402
+                             WSConv2d, build_norm, is_norm_layer, norm_layer, norm_options,
+                             reestimate_batch_average, switchable_importance, uses_batch_stats_in_training)
+
+EXPECTED_NAMES = {"bn", "syncbn", "gn", "ln", "in", "sn", "pono", "brn", "frn", "evonorm_b0", "evonorm_s0", "none"}
+
+
+def opts_for(name, n=2):
+    return {"per_gpu_batch": n} if "per_gpu_batch" in norm_options(name) else {}
+
+
+def test_names_and_options():
+    assert set(NORM_NAMES) == EXPECTED_NAMES and isinstance(NORM_NAMES, tuple)
+    assert norm_options("bn") == frozenset({"per_gpu_batch", "momentum", "eps"})
+    assert norm_options("syncbn") == frozenset({"momentum", "eps"})
+    assert norm_options("gn") == frozenset({"groups", "channels_per_group", "eps"})
+    assert {"per_gpu_batch", "use_bn", "inference", "momentum", "eps"} <= norm_options("sn")
+    assert {"rmax", "dmax", "schedule", "warmup_steps", "rmax_max", "rmax_steps", "dmax_max", "dmax_steps",
+            "per_gpu_batch", "momentum", "eps"} <= norm_options("brn")
+    assert {"affine", "eps", "return_moments"} <= norm_options("pono")
+    assert norm_options("none") == frozenset()
+    for name in NORM_NAMES:
+        assert isinstance(norm_options(name), frozenset)
+    assert {n for n in NORM_NAMES if "per_gpu_batch" in norm_options(n)} == {"bn", "sn", "brn", "evonorm_b0"}
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: build_norm("batchnorm", 8), r"^unknown norm 'batchnorm'; choose one of bn, syncbn"),
+    (lambda: norm_options("xx"), r"^unknown norm 'xx'"),
+    (lambda: build_norm("gn", 8, momentum=0.1), r"^gn: unknown option 'momentum'; gn accepts channels_per_group, eps, "
+                                                r"groups$"),
+    (lambda: norm_layer("gn", groups=3, channels_per_group=2), r"^gn: both groups=3 and channels_per_group=2"),
+    (lambda: norm_layer("bn", per_gpu_batch=0), r"^bn: per_gpu_batch=0 must be >= 1$"),
+    (lambda: norm_layer("bn", per_gpu_batch=2.5), r"^bn: per_gpu_batch=2.5 must be an integer or None$"),
+    (lambda: norm_layer("bn", momentum=1.5), r"^bn: momentum=1.5 must be <= 1.0$"),
+    (lambda: norm_layer("sn", inference="median"), r"^sn: inference='median' is not one of"),
+    (lambda: norm_layer("sn", use_bn=1), r"^sn: use_bn=1 must be true or false$"),
+    (lambda: norm_layer("none", eps=1e-5), r"^none: unknown option 'eps'; none accepts no options$"),
+    (lambda: norm_layer("gn", groups=32)(48), r"^gn: groups=32 does not divide num_channels=48; choose groups "
+                                              r"dividing 48 or set channels_per_group$"),
+    (lambda: build_norm("gn", 0), r"^gn: num_channels=0 must be >= 1$"),
+    (lambda: build_norm("bn", 4)(torch.randn(2, 3, 4, 4)), r"^bn: input has 3 channels but the layer was built for "
+                                                           r"num_channels=4$"),
+])
+def test_bad_input_one_line_errors(call, match):
+    with pytest.raises(NormConfigError, match=match) as e:
+        call()
+    assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+
+
+def test_norm_layer_callable_tolerates_timm_kwargs():
+    f = norm_layer("gn", groups=4)
+    layer = f(16, eps=1e-6, affine=True, device="cpu", dtype=torch.float64)
+    assert layer.eps == 1e-6 and layer.weight.dtype == torch.float64 and layer.num_groups == 4
+    assert f(num_features=8).num_channels == 8
+    with pytest.raises(NormConfigError, match=r"^gn: affine=False is not supported"):
+        f(16, affine=False)
+    with pytest.raises(NormConfigError, match=r"^gn: unexpected argument 'inplace' for num_channels=16"):
+        f(16, inplace=True)
+    assert norm_layer("pono")(8, affine=False).weight is None
+    assert isinstance(norm_layer("none")(8, eps=1e-3), nn.Identity)
+    assert norm_layer("frn")(8).eps == 1e-6 and norm_layer("frn")(8, eps=1e-5).eps == 1e-5
+    bn = norm_layer("bn", per_gpu_batch=4)(8, momentum=0.01)
+    assert bn.momentum == 0.01 and bn.per_gpu_batch == 4
+    assert pickle.loads(pickle.dumps(f)) == f and "groups=4" in repr(f)
+    assert norm_layer("evonorm_b0", per_gpu_batch=2)(8, dtype=torch.float64).running_var.dtype == torch.float64
+    assert norm_layer("brn")(8, device="cpu").num_batches_tracked.dtype == torch.long
+
+
+def test_is_norm_layer_and_batch_stats_flag():
+    for name in NORM_NAMES:
+        assert is_norm_layer(build_norm(name, 64, **opts_for(name))), name
+    for m in (nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.BatchNorm3d(3), nn.SyncBatchNorm(3), nn.GroupNorm(1, 3),
+              nn.LayerNorm(3), nn.InstanceNorm2d(3), nn.InstanceNorm1d(3, affine=True), nn.LocalResponseNorm(2)):
+        assert is_norm_layer(m), type(m).__name__
+    for m in (nn.Conv2d(3, 3, 1), nn.Linear(3, 3), WSConv2d(3, 3, 1), nn.ReLU(), MomentShortcut()):
+        assert not is_norm_layer(m), type(m).__name__
+    assert uses_batch_stats_in_training(nn.Sequential(nn.Conv2d(3, 8, 1), build_norm("brn", 8)))
+    for name in NORM_NAMES:
+        if name != "brn":
+            assert not uses_batch_stats_in_training(nn.Sequential(build_norm(name, 64, **opts_for(name)))), name
+
+
+def test_weight_bias_are_per_channel_parameters():
+    for name in NORM_NAMES:
+        layer = build_norm(name, 64, **opts_for(name))
+        if name == "none":
+            assert layer.weight is None and layer.bias is None
+            continue
+        for p in (layer.weight, layer.bias):
+            assert isinstance(p, nn.Parameter) and p.shape == (64,), name
+        nn.init.zeros_(layer.weight)
+        layer.train()
+        y = layer(torch.randn(4, 64, 3, 3))
+        if name != "frn":  # FRN's TLU: max(bias, tau)
+            torch.testing.assert_close(y, torch.zeros_like(y)), name
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
+def test_torchvision_resnet18(name):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(norm_layer=norm_layer(name, **opts_for(name)), zero_init_residual=True,
+                                        num_classes=5)
+    if name != "none":
+        assert float(model.layer1[0].bn2.weight.detach().abs().sum()) == 0.0
+        assert float(model.layer1[0].bn1.weight.detach().abs().sum()) > 0.0
+    x = torch.randn(4, 3, 64, 64 if name != "in" else 40)  # odd last maps; IN needs > 1 value per map
+    y = model(x)
+    assert y.shape == (4, 5) and torch.isfinite(y).all()
+    y.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if name == "sn":
+        imp = switchable_importance(model)
+        assert "bn1" in imp and "layer4.1.bn2" in imp
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x[:1])).all()
+
+
+def test_timm_model_accepts_norm_layer():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3, norm_layer=norm_layer("gn", groups=8))
+    assert isinstance(model.bn1, nn.GroupNorm) and model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_sn_batch_average_in_resnet():
+    model = torchvision.models.resnet18(norm_layer=norm_layer("sn", per_gpu_batch=2, inference="batch_average"),
+                                        num_classes=3)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    model.eval()
+    reestimate_batch_average(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    assert not model.training
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+
+
+def test_dms_and_ms_exist():
+    assert issubclass(WSConv2d, nn.Conv2d)
+    assert callable(DynamicMomentShortcut) and callable(MomentShortcut)

@@ -1,0 +1,226 @@
+"""Batch-independent layers (GN, LN, IN, EvoNorm-S0, FRN, PONO + Moment Shortcut, WS): float64 references."""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from normbench.norms import (DynamicMomentShortcut, MomentShortcut, NormConfigError, WSConv2d,  # noqa: E402
+                             build_norm)
+
+D = torch.float64
+SHAPES = [(2, 8, 5, 7), (3, 6, 5, 7), (1, 12, 4, 4), (2, 8, 1, 1)]
+
+
+def rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=D)
+
+
+def set_affine(layer, seed=1):
+    C = layer.weight.numel()
+    with torch.no_grad():
+        layer.weight.copy_(1 + 0.5 * rand(C, seed=seed))
+        layer.bias.copy_(rand(C, seed=seed + 1))
+    return layer
+
+
+def ref_group(x, G, w, b, eps=1e-5):
+    N, C, H, W = x.shape
+    xg = x.reshape(N, G, -1)
+    M = xg.shape[-1]
+    mean = xg.sum(-1, keepdim=True) / M
+    var = ((xg - mean) ** 2).sum(-1, keepdim=True) / M
+    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(N, C, H, W)
+    return y * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name,opts,G", [("gn", {"groups": 2}, lambda C: 2), ("gn", {"channels_per_group": 2},
+                                                                               lambda C: C // 2),
+                                         ("ln", {}, lambda C: 1), ("in", {}, lambda C: C)])
+def test_group_family_vs_formula_and_builtins(shape, name, opts, G):
+    C = shape[1]
+    layer = set_affine(build_norm(name, C, **opts).double())
+    x = rand(*shape)
+    if C // G(C) * shape[2] * shape[3] == 1:
+        with pytest.raises(NormConfigError, match=rf"^{name}: a 1x1 map with 1 channel per group gives 1 value per "
+                                                  rf"group \(num_channels={C}, groups={C}\)"):
+            layer(x)
+        return
+    ref = ref_group(x, G(C), layer.weight, layer.bias).detach()
+    for mode in (True, False):
+        layer.train(mode)
+        y = layer(x)
+        torch.testing.assert_close(y, ref)
+        assert torch.isfinite(y).all()
+    torch.testing.assert_close(layer(x), F.group_norm(x, G(C), layer.weight, layer.bias, 1e-5), rtol=0, atol=0)
+    if name == "in":
+        torch.testing.assert_close(layer(x), F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=1e-5))
+
+
+def test_gn_default_groups_and_ln_in_are_gn_ends():
+    assert build_norm("gn", 64).num_groups == 32
+    assert build_norm("ln", 48).num_groups == 1
+    assert build_norm("in", 48).num_groups == 48
+    assert build_norm("gn", 48, channels_per_group=16).num_groups == 3
+    x = rand(2, 6, 4, 3)
+    ln = build_norm("ln", 6).double()
+    gn1 = nn.GroupNorm(1, 6).double()
+    torch.testing.assert_close(ln(x), gn1(x))
+    # NOT timm's LayerNorm2d (per-pixel over C)
+    per_pixel = F.layer_norm(x.permute(0, 2, 3, 1), (6,)).permute(0, 3, 1, 2)
+    assert not torch.allclose(ln(x), per_pixel)
+
+
+def test_group_family_gradcheck_and_channels_last():
+    x = rand(2, 4, 3, 2).requires_grad_()
+    for name, opts in [("gn", {"groups": 2}), ("ln", {}), ("in", {}), ("evonorm_s0", {"groups": 2}), ("frn", {}),
+                       ("pono", {})]:
+        layer = set_affine(build_norm(name, 4, **opts).double())
+        assert torch.autograd.gradcheck(layer, (x,)), name
+        xc = x.detach().contiguous(memory_format=torch.channels_last)
+        yc = layer(xc)
+        torch.testing.assert_close(yc, layer(x.detach()))
+        if name in ("gn", "ln", "in"):
+            assert yc.is_contiguous(memory_format=torch.channels_last), name
+
+
+@pytest.mark.parametrize("name,opts,C,match", [
+    ("gn", {"groups": 32}, 48, r"^gn: groups=32 does not divide num_channels=48; choose groups dividing 48 or set "
+                               r"channels_per_group$"),
+    ("gn", {"channels_per_group": 5}, 48, r"^gn: channels_per_group=5 does not divide num_channels=48"),
+    ("gn", {"groups": 4, "channels_per_group": 4}, 16, r"^gn: both groups=4 and channels_per_group=4 are set"),
+    ("gn", {"groups": 0}, 16, r"^gn: groups=0 must be >= 1$"),
+    ("gn", {"groups": 2.0}, 16, r"^gn: groups=2.0 must be an integer"),
+    ("evonorm_s0", {"groups": 32}, 48, r"^evonorm_s0: groups=32 does not divide num_channels=48"),
+    ("pono", {}, 1, r"^pono: num_channels=1 .*>= 2$"),
+    ("frn", {"eps": -1.0}, 4, r"^frn: eps=-1.0 must be > 0.0$"),
+])
+def test_bad_options(name, opts, C, match):
+    with pytest.raises(NormConfigError, match=match) as e:
+        build_norm(name, C, **opts)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- EvoNorm-S0, FRN
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_evonorm_s0_vs_formula(shape):
+    C = shape[1]
+    layer = set_affine(build_norm("evonorm_s0", C, groups=2).double())
+    with torch.no_grad():
+        layer.v.copy_(rand(C, seed=4))
+    x = rand(*shape)
+    N, _, H, W = shape
+    xg = x.reshape(N, 2, -1)
+    var = ((xg - xg.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True)
+    std = torch.sqrt(var + 1e-5).expand(N, 2, C // 2 * H * W).reshape(N, C, H, W)
+    v = layer.v.view(1, -1, 1, 1)
+    ref = x * torch.sigmoid(v * x) / std * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+    for mode in (True, False):
+        layer.train(mode)
+        torch.testing.assert_close(layer(x), ref.detach())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("learnable", [False, True])
+def test_frn_vs_formula(shape, learnable):
+    C = shape[1]
+    layer = set_affine(build_norm("frn", C, learnable_eps=learnable).double())
+    with torch.no_grad():
+        layer.tau.copy_(0.3 * rand(C, seed=5))
+    assert layer.eps == 1e-6
+    x = rand(*shape).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    names = ["weight", "bias", "tau"] + (["eps_l"] if learnable else [])
+    ps = {k: getattr(layer, k).detach().clone().requires_grad_() for k in names}
+    nu2 = (xr * xr).sum((2, 3), keepdim=True) / (shape[2] * shape[3])
+    eps = 1e-6 + (ps["eps_l"].abs() if learnable else 0.0)
+    ref = torch.maximum(ps["weight"].view(1, -1, 1, 1) * xr / torch.sqrt(nu2 + eps) + ps["bias"].view(1, -1, 1, 1),
+                        ps["tau"].view(1, -1, 1, 1))
+    y = layer(x)
+    torch.testing.assert_close(y, ref)
+    assert torch.isfinite(y).all()
+    gy = rand(*shape, seed=12)
+    y.backward(gy)
+    ref.backward(gy)
+    torch.testing.assert_close(x.grad, xr.grad)
+    for k in names:
+        torch.testing.assert_close(getattr(layer, k).grad, ps[k].grad, msg=k)
+
+
+# ---------------------------------------------------------------- PONO and Moment Shortcut
+
+
+def ref_pono(x, eps=1e-5):
+    C = x.shape[1]
+    mean = x.sum(1, keepdim=True) / C
+    std = torch.sqrt(((x - mean) ** 2).sum(1, keepdim=True) / (C - 1) + eps)  # unbiased over C
+    return (x - mean) / std, mean, std
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 2, 3, 3)])
+def test_pono_vs_formula_and_moment_shortcut(shape):
+    C = shape[1]
+    layer = set_affine(build_norm("pono", C).double())
+    x = rand(*shape)
+    xhat, mean, std = ref_pono(x)
+    y = layer(x)
+    torch.testing.assert_close(y, (xhat * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)).detach())
+    assert layer.last_mean.shape == (shape[0], 1, shape[2], shape[3])
+    torch.testing.assert_close(layer.last_mean, mean)
+    torch.testing.assert_close(layer.last_std, std)
+    # return_moments and affine=False; MS re-injects the moments and reconstructs x exactly
+    plain = build_norm("pono", C, affine=False, return_moments=True).double()
+    yh, m, s = plain(x)
+    torch.testing.assert_close(yh, xhat)
+    torch.testing.assert_close(MomentShortcut()(yh, m, s), x)
+    torch.testing.assert_close(MomentShortcut(plain)(yh), x)
+    z = rand(shape[0], 3, shape[2], shape[3], seed=3)
+    torch.testing.assert_close(MomentShortcut(plain)(z), z * std + mean)
+
+
+def test_moment_shortcut_not_registered_and_dms():
+    pono = build_norm("pono", 4, affine=False).double()
+    net = nn.Sequential(pono, MomentShortcut(pono))
+    assert len(list(net.parameters())) == 0 and len(list(net[1].children())) == 0
+    with pytest.raises(NormConfigError, match="ms: no moments"):
+        MomentShortcut()(rand(1, 4, 2, 2))
+    dms = DynamicMomentShortcut(4, hidden_channels=8, pono=pono).double()
+    x = rand(2, 4, 5, 3).requires_grad_()
+    h = pono(x)
+    out = dms(h)  # starts as identity: gamma 1, beta 0
+    torch.testing.assert_close(out, h)
+    with torch.no_grad():
+        dms.net[2].weight.normal_(0, 0.1)
+    assert torch.autograd.gradcheck(lambda t: dms(pono(t)), (x,))
+    dms1 = DynamicMomentShortcut(4, per_channel=False, pono=pono).double()
+    assert dms1(h).shape == h.shape
+
+
+# ---------------------------------------------------------------- Weight Standardization
+
+
+def test_wsconv_vs_formula_and_gradcheck():
+    conv = WSConv2d(3, 5, 3, padding=1, bias=True).double()
+    w = conv.weight.detach()
+    flat = w.reshape(5, -1)
+    mean = flat.sum(1, keepdim=True) / flat.shape[1]
+    var = ((flat - mean) ** 2).sum(1, keepdim=True) / flat.shape[1]
+    w_hat = ((flat - mean) / torch.sqrt(var + 1e-5)).reshape_as(w)
+    x = rand(2, 3, 6, 5)
+    torch.testing.assert_close(conv(x), F.conv2d(x, w_hat, conv.bias, padding=1).detach())
+    assert isinstance(conv, nn.Conv2d)
+    small = WSConv2d(2, 3, 3, padding=1).double()
+    xs = rand(1, 2, 4, 3).requires_grad_()
+    assert torch.autograd.gradcheck(small, (xs,))
+    assert torch.autograd.gradcheck(lambda wt: F.conv2d(xs.detach(), __import__(
+        "normbench.norms", fromlist=["standardize_weight"]).standardize_weight(wt)), (small.weight.detach().clone()
+                                                                                   .requires_grad_(),))
