@@ -148,3 +148,13 @@ def test_channels_last_changes_nothing_beyond_float_error(tmp_path):
     wa, wb = _weights(a), _weights(b)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("norm", sorted(p.stem for p in (REPO / "configs" / "norm").glob("*.yaml")))
+def test_every_norm_config_trains_through_the_pipeline(tmp_path, norm):
+    result = _run(tmp_path, f"norm={norm}", "epochs=1", "data.num_train=64", "data.num_eval=32")
+    assert result["status"] == "completed", result
+    assert 0.0 <= result["top1_error_final"] <= 100.0
+    if norm == "sn":
+        weights = next(iter(result["sn_importance"].values()))
+        assert sum(weights["mean"].values()) == pytest.approx(1.0)
