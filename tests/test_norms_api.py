@@ -1,17 +1,13 @@
 """Public API of normbench.norms: factory, option validation, norm_layer callables, helpers, model integration."""
 
-import pathlib
 import pickle
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import pytest
+import torch
+import torchvision
+from torch import nn
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from torch import nn  # noqa: E402
-
-from normbench.norms import (NORM_NAMES, DynamicMomentShortcut, MomentShortcut, NormConfigError,  # noqa: E402
+from normbench.norms import (NORM_NAMES, DynamicMomentShortcut, MomentShortcut, NormConfigError,
                              WSConv2d, build_norm, is_norm_layer, norm_layer, norm_options,
                              reestimate_batch_average, switchable_importance, uses_batch_stats_in_training)
 

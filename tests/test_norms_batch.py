@@ -1,17 +1,12 @@
 """Per-GPU BatchNorm, SyncBN, Batch Renorm, EvoNorm-B0: float64 references written from papers.md section 3."""
 
-import pathlib
-import sys
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from normbench.norms import NormConfigError, build_norm  # noqa: E402
-from normbench.norms import batch_norm as bn_mod  # noqa: E402
+from normbench.norms import NormConfigError, build_norm
+from normbench.norms import batch_norm as bn_mod
 
 D = torch.float64
 SHAPES = [(4, 3, 6, 5), (6, 5, 3, 7), (8, 4, 1, 1), (2, 6, 4, 4)]

@@ -1,16 +1,11 @@
 """Batch-independent layers (GN, LN, IN, EvoNorm-S0, FRN, PONO + Moment Shortcut, WS): float64 references."""
 
-import pathlib
-import sys
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from normbench.norms import (DynamicMomentShortcut, MomentShortcut, NormConfigError, WSConv2d,  # noqa: E402
+from normbench.norms import (DynamicMomentShortcut, MomentShortcut, NormConfigError, WSConv2d,
                              build_norm)
 
 D = torch.float64

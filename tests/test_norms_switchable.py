@@ -1,17 +1,13 @@
 """Switchable Norm: float64 reference computing IN, LN and BN statistics directly (papers.md section 3)."""
 
-import pathlib
-import sys
 import warnings
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from normbench.norms import (NormConfigError, build_norm, norm_layer, reestimate_batch_average,  # noqa: E402
+from normbench.norms import (NormConfigError, build_norm, norm_layer, reestimate_batch_average,
                              switchable_importance)
 
 D = torch.float64
