@@ -49,7 +49,8 @@ def assert_one_line_with_fix(err: pytest.ExceptionInfo, *needles: str):
 
 # ----------------------------------------------------------------------------------------------- configs
 
-COMMON_KEYS = {"name", "root", "download", "augment", "mean", "std", "eval_batch", "workers", "train_subset"}
+COMMON_KEYS = {"name", "root", "download", "augment", "mean", "std", "eval_batch", "workers", "train_subset",
+               "epoch_size"}
 EXTRA_KEYS = {
     "fashion_mnist": set(),
     "cifar10": set(),
@@ -496,3 +497,26 @@ def test_group_files_compose_with_hydra(tmp_path):
         cfg = compose(config_name="probe", overrides=["data.num_train=128", "data.augment.crop_padding=4", "data.augment.flip=true"])
     b = build_data(cfg.data, global_batch=32, device=CPU)
     assert b.num_train == 128 and next(iter(b.train))[0].shape == (32, 3, 32, 32)
+
+
+def test_epoch_size_takes_the_first_positions_of_each_epochs_order():
+    """data.epoch_size: short epochs drawn from the shuffled WHOLE set (labels = image index here)."""
+    cfg = load_cfg("synthetic", num_train=100, num_eval=10, image_size=8, epoch_size=40)
+    bundle = build_data(cfg, global_batch=8, seed=5, device=CPU)
+    assert len(bundle.train) == 40 // 8
+    for epoch in (0, 1):
+        bundle.train.set_epoch(epoch)
+        seen = torch.cat([y for _, y in bundle.train])
+        order = torch.randperm(100, generator=epoch_generator(5, epoch, 0))[:40]
+        synthetic_labels = build_data(load_cfg("synthetic", num_train=100, num_eval=10, image_size=8),
+                                      global_batch=100, seed=5, device=CPU)
+        synthetic_labels.train.set_epoch(epoch)
+        _, (all_labels,) = collect(synthetic_labels.train)
+        full_order = torch.randperm(100, generator=epoch_generator(5, epoch, 0))
+        label_of = torch.empty(100, dtype=torch.int64)
+        label_of[full_order] = all_labels
+        assert torch.equal(seen, label_of[order])
+    with pytest.raises(DataError) as err:
+        build_data(load_cfg("synthetic", num_train=100, num_eval=10, image_size=8, epoch_size=4),
+                   global_batch=8, seed=5, device=CPU)
+    assert_one_line_with_fix(err, "epoch_size")

@@ -18,6 +18,7 @@ from .common import (
     EvalLoader,
     TrainLoader,
     apply_train_subset,
+    epoch_images,
     check_batch,
     epoch_permutation,
     opt,
@@ -56,6 +57,7 @@ def _small(name: str, cfg, loaded: dict, *, global_batch, rank, world_size, seed
         world_size=world_size,
         seed=seed,
         device=device,
+        epoch_size=epoch_images(name, cfg, num_train, global_batch),
     )
     return DataBundle(
         name=name,

@@ -92,6 +92,18 @@ def check_batch(name: str, global_batch: int, rank: int, world_size: int, num_tr
     return global_batch // world_size
 
 
+def epoch_images(name: str, cfg: Any, num_train: int, global_batch: int) -> int:
+    """Training images per epoch: ``data.epoch_size`` -- the first that many positions of the epoch's shuffled
+    order of the whole training set, so short epochs still see all the data over a run -- or every image."""
+    size = opt(cfg, "epoch_size", None)
+    if size is None:
+        return num_train
+    if not isinstance(size, int) or isinstance(size, bool) or not global_batch <= size <= num_train:
+        raise DataError(f"{name}: data.epoch_size={size!r} must be an integer in [global batch {global_batch}, "
+                        f"{num_train} training images], or null for full epochs")
+    return size
+
+
 def rank_slice(global_batch: int, rank: int, world_size: int) -> slice:
     local = global_batch // world_size
     return slice(rank * local, (rank + 1) * local)

@@ -104,6 +104,7 @@ class DeviceTrainLoader:
         rank: int,
         world_size: int,
         seed: int,
+        epoch_size: int | None = None,
     ):
         self.images = images_padded
         self.labels = labels
@@ -117,7 +118,7 @@ class DeviceTrainLoader:
         self.seed = int(seed)
         self.epoch = 0
         self.num_samples = int(labels.shape[0])
-        self.steps_per_epoch = self.num_samples // self.global_batch
+        self.steps_per_epoch = (epoch_size or self.num_samples) // self.global_batch
         self._slice = rank_slice(self.global_batch, self.rank, self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -210,6 +211,7 @@ def build_device_loaders(
     world_size: int,
     seed: int,
     device: torch.device,
+    epoch_size: int | None = None,
 ):
     """Move uint8 (N, C, H, W) CPU tensors to ``device`` (padded once) and wrap them in loaders."""
     if padding < 0:
@@ -236,6 +238,7 @@ def build_device_loaders(
         rank=rank,
         world_size=world_size,
         seed=seed,
+        epoch_size=epoch_size,
     )
     ev = DeviceEvalLoader(
         ev_x,

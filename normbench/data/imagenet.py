@@ -24,6 +24,7 @@ from .common import (
     STREAM_AUGMENT,
     DataError,
     apply_train_subset,
+    epoch_images,
     check_batch,
     epoch_generator,
     epoch_permutation,
@@ -69,8 +70,10 @@ class SeededTransformDataset(Dataset):
 class GlobalBatchSliceSampler(Sampler):
     """Yields, per step, this rank's slice of the global batch as ``[(index, transform_seed), ...]``."""
 
-    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int):
+    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int,
+                 epoch_size: int | None = None):
         self.num_samples = num_samples
+        self.epoch_size = epoch_size or num_samples
         self.global_batch = global_batch
         self.slice = rank_slice(global_batch, rank, world_size)
         self.seed = seed
@@ -80,7 +83,7 @@ class GlobalBatchSliceSampler(Sampler):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.num_samples // self.global_batch
+        return self.epoch_size // self.global_batch
 
     def __iter__(self) -> Iterator[list]:
         perm = epoch_permutation(self.num_samples, self.seed, self.epoch).tolist()
@@ -197,7 +200,8 @@ def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, devi
     pin = device.type == "cuda"
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0, worker_init_fn=_seed_worker if workers > 0 else None)
 
-    sampler = GlobalBatchSliceSampler(num_train, global_batch, rank, world_size, seed)
+    sampler = GlobalBatchSliceSampler(num_train, global_batch, rank, world_size, seed,
+                                      epoch_images(NAME, cfg, num_train, global_batch))
     train_loader = DataLoader(
         SeededTransformDataset(train_folder, T.Compose(train_tf)),
         batch_sampler=sampler,
