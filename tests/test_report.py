@@ -86,9 +86,9 @@ def make_table2(root: Path) -> None:
     w(norm="gn", groups=32, per_gpu_batch=8, seed=0, error=10.0)
     # GN@4 missing
     w(norm="gn", groups=32, per_gpu_batch=2, seed=0, error=10.5)
-    # noise: other experiment, and a gn_table2 run that fits no cell (gpus=4)
+    # noise: other experiment, and a gn_table2 run that fits no cell (64 images per GPU is not a column)
     write_result(root, experiment="gn_table1", norm="bn", error=99.0)
-    w(norm="bn", gpus=4, per_gpu_batch=32, seed=0, error=50.0)
+    w(norm="bn", per_gpu_batch=64, seed=0, error=50.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_gn_table2_markdown(tmp_path):
     assert "12 completed, 1 diverged, 1 failed; missing cells: 1 of 10" in md
     assert "`abc1234def` (14 runs)" in md
     assert "- GN, images/GPU 4" in md
-    assert "gpus=4" in md  # the run outside the layout is listed
+    assert "per_gpu_batch=64" in md  # the run outside the layout is listed
     assert "99.0" not in md  # the other experiment's run is ignored
     assert "preset: `smoke`" in md
 

@@ -53,7 +53,11 @@ class _StatsAffine(torch.autograd.Function):
         with torch.no_grad():
             a, b = coeff_fn(mean, var, *params)
         buf = out.pop() if out else None
-        if buf is not None and buf.shape == x.shape and buf.dtype == x.dtype and buf.stride() == x.stride():
+        if x.dtype not in (torch.float32, torch.float64):
+            # bf16/fp16: x*A + B cancels catastrophically when |mean| >> std (A*x ~ -B); compute in float32
+            # (addcmul promotes to A's dtype in one pass) and round once at the end.
+            y = torch.addcmul(b, x, a).to(x.dtype)
+        elif buf is not None and buf.shape == x.shape and buf.dtype == x.dtype and buf.stride() == x.stride():
             y = torch.addcmul(b.to(x.dtype), x, a.to(x.dtype), out=buf)
         else:
             y = torch.addcmul(b.to(x.dtype), x, a.to(x.dtype))
@@ -87,7 +91,10 @@ class _StatsAffine(torch.autograd.Function):
         p_coef = g_v * (2.0 / count)
         q_coef = g_m / count - p_coef * m.detach()
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and x.dtype not in (torch.float32, torch.float64):
+            # low precision: the same cancellation as in forward (q ~ -p * mean), so float32 then one rounding
+            grad_x = torch.addcmul(q_coef, xf, p_coef).addcmul_(gf, a.detach()).to(x.dtype)
+        elif ctx.needs_input_grad[0]:
             same = gx_buf.dtype == x.dtype and gx_buf.stride() == x.stride()
             grad_x = torch.addcmul(q_coef.to(x.dtype), x, p_coef.to(x.dtype), out=gx_buf if same else None)
             grad_x.addcmul_(g, a.detach().to(x.dtype))

@@ -271,6 +271,10 @@ def _markdown(layout: Layout, coll: Collection, imp, results_dir: Path, model, d
         ep = ", ".join(f"{e}" + (f" ({k} run{'s' * (k != 1)})" if len(epochs) > 1 else "") for e, k in sorted(epochs.items(), key=str))
         md.append(f"- Epochs: {ep or NA}" + (f"; preset: {', '.join(f'`{p}`' for p in sorted(map(str, presets)))}"
                                             if presets else ""))
+        gpus = sorted({r.data.get("gpus") for r in placed} - {None})
+        if gpus and layout.name != "sn_table":  # the SN table has GPUs as an axis
+            md.append(f"- GPUs per step (emulated): {', '.join(map(str, gpus))} (the paper: 8)"
+                      + (" -- mixed: cells pool runs of different GPU counts" if len(gpus) > 1 else ""))
     else:
         md.append(f"- No `result.json` for experiment `{layout.name}` under `{results_dir}` yet.")
     md.append(f"- Runs in the table: {status['completed']} completed, {status['diverged']} diverged, "

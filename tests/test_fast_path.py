@@ -1,0 +1,125 @@
+"""The fast path (issue: GPU fast path): bf16 autocast keeps norm statistics in float32, the switches change a
+run's numbers only by float error, and on a GPU: layouts stay channels_last and a step never syncs the host.
+GPU tests skip themselves where there is no CUDA device."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY, compose
+from normbench.norms import NORM_NAMES, build_norm
+from normbench.train import fast_settings, train
+
+BATCH_DEPENDENT = {"bn": {"per_gpu_batch": 4}, "sn": {"per_gpu_batch": 4}, "brn": {"per_gpu_batch": 4},
+                   "evonorm_b0": {"per_gpu_batch": 4}}
+OPTIONS = {**BATCH_DEPENDENT, "gn": {"groups": 4}, "evonorm_s0": {"groups": 4}}
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _reference_bn(x64: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Per-GPU BN (training, gamma 1, beta 0) in float64, straight from the equations."""
+    n, c, h, w = x64.shape
+    v = x64.reshape(chunks, n // chunks, c, h, w)
+    mean = v.mean(dim=(1, 3, 4), keepdim=True)
+    var = v.var(dim=(1, 3, 4), unbiased=False, keepdim=True)
+    return ((v - mean) / torch.sqrt(var + 1e-5)).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("name", ["bn", "sn"])
+def test_bf16_autocast_keeps_statistics_in_float32(name):
+    """Data offset far from zero: statistics summed in bf16 (8 mantissa bits) would lose the variance."""
+    torch.manual_seed(0)
+    x = (torch.randn(16, 8, 12, 12) * 0.5 + 30.0).bfloat16()
+    layer = build_norm(name, 8, **OPTIONS[name])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    if name == "sn":  # one-hot BN weights so the layer is plain per-GPU BN
+        layer.mean_weight.data = torch.tensor([-1e4, -1e4, 1e4])
+        layer.var_weight.data = torch.tensor([-1e4, -1e4, 1e4])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    reference = _reference_bn(x.double(), chunks=4)
+    assert torch.isfinite(y).all()
+    # bf16 output rounding is ~0.4% of |y| <= ~3; float32 statistics keep the error at that level
+    torch.testing.assert_close(y.double(), reference, rtol=0.02, atol=0.03)
+
+
+@pytest.mark.parametrize("name", [n for n in NORM_NAMES if n != "none"])
+def test_every_layer_runs_under_bf16_autocast(name):
+    torch.manual_seed(0)
+    x = torch.randn(8, 8, 6, 6, requires_grad=True)
+    layer = build_norm(name, 8, **OPTIONS.get(name, {}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16() if name != "pono" else x)
+    y.float().square().mean().backward()
+    assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad).all()
+
+
+def test_auto_switches_are_off_on_the_cpu_and_on_for_cuda():
+    cfg = compose(TINY)
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert fast_settings(config, torch.device("cpu")) == {"amp": "none", "channels_last": False, "compile": False,
+                                                           "cudnn_benchmark": True}
+    assert fast_settings(config, torch.device("cuda"))["amp"] == "bf16"
+    assert fast_settings(config, torch.device("cuda"))["channels_last"] is True
+
+
+def test_bf16_run_matches_float32_run_within_bf16_error(tmp_path):
+    plain = train(compose(TINY + [f"results_dir={tmp_path / 'a'}", "epochs=1", "fast.amp=none"]))
+    fast = train(compose(TINY + [f"results_dir={tmp_path / 'b'}", "epochs=1", "fast.amp=bf16"]))
+    assert plain["run_id"] == fast["run_id"]
+    assert fast["status"] == "completed"
+    assert abs(plain["top1_error_final"] - fast["top1_error_final"]) <= 10.0  # 128 eval images, 4 classes
+
+
+@gpu
+@pytest.mark.parametrize("name", [n for n in NORM_NAMES if n != "none"])
+def test_cuda_layers_keep_channels_last_under_bf16(name):
+    x = torch.randn(8, 32, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+    layer = build_norm(name, 32, **OPTIONS.get(name, {})).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last), name
+
+
+@gpu
+@pytest.mark.parametrize("name", ["bn", "gn", "sn", "brn", "evonorm_b0"])
+def test_cuda_training_step_never_syncs_the_host(name):
+    from normbench.models import build_model
+    from normbench.norms import norm_layer
+    from omegaconf import OmegaConf
+
+    model_cfg = OmegaConf.create({"name": "cifar_resnet", "depth": 8, "width": 16, "zero_init_last_gamma": True,
+                                  "weight_standardization": False})
+    model = build_model(model_cfg, norm_layer(name, **OPTIONS.get(name, {"groups": 8} if name == "gn" else {})),
+                        10, 3).cuda().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(32, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (32,), device="cuda")
+    for step in range(3):
+        if step == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_bf16_gradient_of_per_gpu_bn_matches_float64():
+    torch.manual_seed(1)
+    base = (torch.randn(16, 8, 12, 12) * 0.5 + 30.0).bfloat16()
+    upstream = torch.randn(16, 8, 12, 12, dtype=torch.float64)
+    x = base.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = build_norm("bn", 8, per_gpu_batch=4)(x)
+    (y.double() * upstream).sum().backward()
+    x64 = base.double().requires_grad_(True)
+    (_reference_bn(x64, chunks=4) * upstream).sum().backward()
+    scale = x64.grad.abs().max().item()
+    assert (x.grad.double() - x64.grad).abs().max().item() < 0.03 * scale
