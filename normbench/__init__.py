@@ -1,3 +1,21 @@
 """normbench: reproduce and compare normalization layers on equal terms."""
 
 __version__ = "0.1.0"
+
+
+def _gpus_for(total_batch, per_gpu_batch) -> int:
+    """`${gpus_for:64,${per_gpu_batch}}`: the GPU count that makes a fixed total batch (small presets)."""
+    total, per_gpu = int(total_batch), int(per_gpu_batch)
+    if per_gpu < 1 or total % per_gpu:
+        raise ValueError(f"per_gpu_batch={per_gpu} does not divide the preset's {total} images per step; "
+                         f"choose a divisor of {total}")
+    return total // per_gpu
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("gpus_for", _gpus_for, replace=True)
+
+
+_register_resolvers()

@@ -43,12 +43,13 @@ def _config_error(command: str, args: list[str]) -> str | None:
         return None  # Hydra flags (--cfg, --help, ...): let Hydra handle them
     plain = [a for a in args if command == "train" or "," not in a.partition("=")[2]]
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from normbench.train import CONFIG_DIR
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name="train", overrides=plain)
+            OmegaConf.to_container(compose(config_name="train", overrides=plain), resolve=True)
     except Exception as err:  # noqa: BLE001 -- any composition error is the user's to fix
         text = str(err).split("Config search path")[0]  # Hydra appends its search path: noise here
         text = text.replace(":\n", ": ").replace("\n\n", "\n").replace("\n", ", ").replace("., ", ". ")

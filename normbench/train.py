@@ -23,6 +23,7 @@ import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from normbench import distributed, runs
 from normbench.optim import build_optimizer, build_scheduler, learning_rate
@@ -172,7 +173,10 @@ def train(cfg: DictConfig) -> dict:
     from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
                                  uses_batch_stats_in_training)
 
-    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:  # a bad interpolation, e.g. ${gpus_for:64,3}
+        raise ConfigError(str(err).splitlines()[0]) from None
     validate(config)
     device = resolve_device(cfg.device)
     d = distributed.setup(device.type)

@@ -60,7 +60,8 @@ def init_weights(model: nn.Module, zero_init_last_gamma: bool) -> None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, 0.0, 0.01)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:  # timm heads / projections may be bias-free
+                nn.init.zeros_(module.bias)
         elif is_norm_layer(module) and isinstance(getattr(module, "weight", None), nn.Parameter):
             nn.init.ones_(module.weight)
             if isinstance(getattr(module, "bias", None), nn.Parameter):

@@ -272,9 +272,15 @@ def _markdown(layout: Layout, coll: Collection, imp, results_dir: Path, model, d
         md.append(f"- Epochs: {ep or NA}" + (f"; preset: {', '.join(f'`{p}`' for p in sorted(map(str, presets)))}"
                                             if presets else ""))
         gpus = sorted({r.data.get("gpus") for r in placed} - {None})
+        totals = {r.data.get("gpus", 0) * r.data.get("per_gpu_batch", 0) for r in placed}
         if gpus and layout.name != "sn_table":  # the SN table has GPUs as an axis
-            md.append(f"- GPUs per step (emulated): {', '.join(map(str, gpus))} (the paper: 8)"
-                      + (" -- mixed: cells pool runs of different GPU counts" if len(gpus) > 1 else ""))
+            if len(gpus) > 1 and len(totals) == 1:  # a small preset's fixed total batch
+                md.append(f"- GPUs per step (emulated): {', '.join(map(str, gpus))} -- a fixed total of "
+                          f"{totals.pop()} images per step split into GPUs of per_gpu_batch images, so every "
+                          "setting gets the same steps and lr (the paper: 8 GPUs x per_gpu_batch)")
+            else:
+                md.append(f"- GPUs per step (emulated): {', '.join(map(str, gpus))} (the paper: 8)"
+                          + (" -- mixed: cells pool runs of different GPU counts" if len(gpus) > 1 else ""))
     else:
         md.append(f"- No `result.json` for experiment `{layout.name}` under `{results_dir}` yet.")
     md.append(f"- Runs in the table: {status['completed']} completed, {status['diverged']} diverged, "

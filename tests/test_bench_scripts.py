@@ -1,0 +1,86 @@
+"""scripts/bench_train.py: the --ci run prints one table (BN's ratio to itself 1.00) and writes Markdown + JSON."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+SCRIPT = REPO / "scripts" / "bench_train.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in stdout.splitlines():
+        if line.startswith("| ") and not line.startswith("| norm "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_bench_train_ci(tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--ci", "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("bench_train | device: cpu") and "torch " + _torch_version() in lines[0]
+    assert "dtype float32" in lines[0]
+    header = next(line for line in lines if line.startswith("| norm "))
+    assert header == "| norm | 2x4 img/s | vs BN | 2x2 img/s | vs BN | per image vs 2x4 |"
+    assert sum(line.startswith("| norm ") for line in lines) == 1  # ONE table
+    rows = _table_rows(proc.stdout)
+    assert list(rows) == ["bn", "gn", "sn"]
+    bn = rows["bn"]
+    assert bn[1] == "1.00" and bn[3] == "1.00"  # BN's ratio to BN at every batch
+    for name, cells in rows.items():
+        big, ratio_big, small, ratio_small, per_image = cells
+        assert float(big) > 0 and float(small) > 0, name
+        assert float(ratio_big) > 0 and float(ratio_small) > 0 and float(per_image) > 0, name
+    assert any(line.startswith("target: bn at 2x2") for line in lines)
+
+    md = (tmp_path / "bench.md").read_text()
+    assert "| bn |" in md and lines[0] in md
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["torch"] == _torch_version() and data["device"] == "cpu" and "commit" in data["git"]
+    assert data["args"]["ci"] is True and data["args"]["model"] == "cifar_resnet8"
+    results = {(r["norm"], r["per_gpu_batch"]): r for r in data["results"]}
+    assert set(results) == {(n, b) for n in ("bn", "gn", "sn") for b in (4, 2)}
+    for (name, b), r in results.items():
+        assert len(r["samples"]) == 3 and r["images_per_step"] == 2 * b
+        assert ("per_gpu_batch" in r["layer_options"]) == (name in ("bn", "sn"))  # only layers that take it
+        assert r["layer_options"].get("per_gpu_batch", b) == b
+    assert results[("bn", 2)]["vs_bn"] == 1.0
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def test_bench_train_arguments():
+    bench = _load_script()
+    args = bench.parse_args(["--device", "cpu", "--norms", "gn:groups=4,sn:use_bn=false", "--per-gpu-batch", "8,1"])
+    assert args.model == "cifar_resnet8" and args.image_size == 28 and not args.channels_last
+    assert args.norm_specs == [("bn", "bn", {}), ("gn:groups=4", "gn", {"groups": 4}),
+                               ("sn:use_bn=false", "sn", {"use_bn": False})]  # bn added as the baseline
+    assert args.batches == [8, 1] and args.num_classes == 10
+    cfg = bench.model_config(args)
+    assert bench.layer_options("gn", {}, 1, cfg) == {"groups": 8}  # the model config's norm_groups
+    assert bench.layer_options("bn", {}, 1, cfg) == {"per_gpu_batch": 1}
+    assert bench.layer_options("sn", {"use_bn": False}, 2, cfg) == {"use_bn": False, "per_gpu_batch": 2}
+    assert bench.layer_options("ln", {}, 2, cfg) == {}
+    imagenet = bench.parse_args(["--device", "cpu", "--model", "resnet50"])
+    assert imagenet.num_classes == 1000 and bench.model_config(imagenet).norm_groups == 32
