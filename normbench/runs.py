@@ -49,12 +49,17 @@ def run_dir(config: dict) -> Path:
     return Path(config["results_dir"]) / config["experiment"] / run_name(config)
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 # ---- atomic writes: a reader (or a killed run) never sees half a file -------------------------------------
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
