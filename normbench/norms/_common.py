@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "NormConfigError",
@@ -137,3 +137,17 @@ def stats_dtype(x: Tensor) -> torch.dtype:
 
 def factory_kwargs(device=None, dtype=None) -> dict:
     return {"device": device, "dtype": dtype}
+
+
+def add_affine(module: nn.Module, num_channels: int, device=None, dtype=None) -> None:
+    """Per-channel gamma = 1 and beta = 0 as `weight` and `bias` (what zero-init and weight decay look for)."""
+    module.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+    module.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+
+
+def add_running_stats(module: nn.Module, num_channels: int, device=None, dtype=None, mean: bool = True) -> None:
+    """BatchNorm2d-compatible buffers (same state-dict keys): running_mean, running_var, num_batches_tracked."""
+    if mean:
+        module.register_buffer("running_mean", torch.zeros(num_channels, device=device, dtype=dtype))
+    module.register_buffer("running_var", torch.ones(num_channels, device=device, dtype=dtype))
+    module.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))

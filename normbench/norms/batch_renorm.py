@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormConfigError, NormLayer, check_bool, check_channels, check_eps, check_float, check_input,
-                      check_int, check_momentum, check_values_per_channel, split_chunks)
+from ._common import (add_affine, add_running_stats, NormConfigError, NormLayer, check_bool, check_channels,
+                      check_eps, check_float, check_input, check_int, check_momentum,
+                      check_values_per_channel, split_chunks)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["BatchRenorm2d"]
@@ -89,11 +90,8 @@ class BatchRenorm2d(NormLayer, nn.Module):
         self.momentum = float(momentum)
         self.eps = float(eps)
         fk = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(num_channels, **fk))
-        self.bias = nn.Parameter(torch.zeros(num_channels, **fk))
-        self.register_buffer("running_mean", torch.zeros(num_channels, **fk))
-        self.register_buffer("running_var", torch.ones(num_channels, **fk))
-        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+        add_affine(self, num_channels, **fk)
+        add_running_stats(self, num_channels, **fk)
 
     def extra_repr(self) -> str:
         if self.schedule:

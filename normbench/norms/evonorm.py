@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import (NormLayer, check_channels, check_eps, check_input, check_int, check_momentum,
-                      check_values_per_channel, split_chunks)
+from ._common import (add_affine, add_running_stats, NormLayer, check_channels, check_eps, check_input,
+                      check_int, check_momentum, check_values_per_channel, split_chunks)
 from ._fused import var_mean
 from .group_norm import resolve_groups
 
@@ -41,11 +41,9 @@ class EvoNorm2dB0(NormLayer, nn.Module):
         self.momentum = float(momentum)
         self.eps = float(eps)
         fk = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(num_channels, **fk))
-        self.bias = nn.Parameter(torch.zeros(num_channels, **fk))
+        add_affine(self, num_channels, **fk)
         self.v = nn.Parameter(torch.ones(num_channels, **fk))
-        self.register_buffer("running_var", torch.ones(num_channels, **fk))
-        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+        add_running_stats(self, num_channels, **fk, mean=False)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"
@@ -90,8 +88,7 @@ class EvoNorm2dS0(NormLayer, nn.Module):
         self.groups = resolve_groups(self.norm_name, self.num_channels, groups, None)
         self.eps = float(eps)
         fk = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(num_channels, **fk))
-        self.bias = nn.Parameter(torch.zeros(num_channels, **fk))
+        add_affine(self, num_channels, **fk)
         self.v = nn.Parameter(torch.ones(num_channels, **fk))
 
     def extra_repr(self) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import NormLayer, check_bool, check_channels, check_eps, check_input
+from ._common import add_affine, NormLayer, check_bool, check_channels, check_eps, check_input
 from ._fused import stats_affine
 
 __all__ = ["FilterResponseNorm2d"]
@@ -40,8 +40,7 @@ class FilterResponseNorm2d(NormLayer, nn.Module):
         self.num_channels = self.num_features = check_channels(self.norm_name, num_channels)
         self.eps = float(eps)
         fk = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(num_channels, **fk))
-        self.bias = nn.Parameter(torch.zeros(num_channels, **fk))
+        add_affine(self, num_channels, **fk)
         self.tau = nn.Parameter(torch.zeros(num_channels, **fk))
         if learnable_eps:
             self.eps_l = nn.Parameter(torch.full((1,), 1e-4, **fk))

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import NormConfigError, NormLayer, check_bool, check_channels, check_eps, check_input, check_int
+from ._common import (add_affine, NormConfigError, NormLayer, check_bool, check_channels, check_eps,
+                      check_input, check_int)
 
 __all__ = ["PositionalNorm", "MomentShortcut", "DynamicMomentShortcut", "pono_moments"]
 
@@ -59,8 +60,7 @@ class PositionalNorm(NormLayer, nn.Module):
         self.return_moments = return_moments
         fk = {"device": device, "dtype": dtype}
         if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, **fk))
-            self.bias = nn.Parameter(torch.zeros(num_channels, **fk))
+            add_affine(self, num_channels, **fk)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormConfigError, NormLayer, check_bool, check_channels, check_choice, check_eps,
-                      check_input, check_int, check_momentum, check_values_per_channel, split_chunks)
+from ._common import (add_affine, add_running_stats, NormConfigError, NormLayer, check_bool, check_channels,
+                      check_choice, check_eps, check_input, check_int, check_momentum,
+                      check_values_per_channel, split_chunks)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["SwitchableNorm2d", "switchable_importance", "reestimate_batch_average"]
@@ -108,13 +109,10 @@ class SwitchableNorm2d(NormLayer, nn.Module):
         self.momentum = float(momentum)
         self.eps = float(eps)
         fk = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(num_channels, **fk))
-        self.bias = nn.Parameter(torch.zeros(num_channels, **fk))
+        add_affine(self, num_channels, **fk)
         self.mean_weight = nn.Parameter(torch.ones(3, **fk))
         self.var_weight = nn.Parameter(torch.ones(3, **fk))
-        self.register_buffer("running_mean", torch.zeros(num_channels, **fk))
-        self.register_buffer("running_var", torch.ones(num_channels, **fk))
-        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+        add_running_stats(self, num_channels, **fk)
         self._reestimating = False  # set by reestimate_batch_average
         self._acc: list[Tensor] | None = None
         self._stale_batch_average = False
