@@ -40,7 +40,7 @@ def test_run_writes_its_directory_and_is_skipped_when_rerun(tmp_path):
     assert (on_disk["model"], on_disk["data"], on_disk["norm"]) == ("cifar_resnet8", "synthetic", "bn")
     assert (on_disk["gpus"], on_disk["per_gpu_batch"], on_disk["seed"], on_disk["epochs"]) == (4, 8, 0, 2)
     assert on_disk["norm_options"]["per_gpu_batch"] == 8
-    assert on_disk["lr"] == pytest.approx(0.1 * 4 * 8 / 256)  # the papers' linear rule
+    assert on_disk["lr"] == pytest.approx(on_disk["config"]["base_lr"] * 4 * 8 / 256)  # the papers' linear rule
     assert on_disk["wall_time_s"] > 0 and on_disk["config"]["per_gpu_batch"] == 8
     env = json.loads((run / "env.json").read_text())
     assert env["git"]["commit"] is None or len(env["git"]["commit"]) == 40
@@ -50,7 +50,8 @@ def test_run_writes_its_directory_and_is_skipped_when_rerun(tmp_path):
 
 
 def test_learning_rate_schedule_in_metrics_follows_the_step_rule(tmp_path):
-    _run(tmp_path, "epochs=4", "schedule.milestones=[0.5]", "schedule.gamma=0.1")
+    _run(tmp_path, "epochs=4", "base_lr=0.1", "schedule.name=step", "schedule.milestones=[0.5]",
+         "schedule.gamma=0.1", "schedule.warmup_epochs=0")
     (run,) = _run_dirs(tmp_path)
     lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     peak = 0.1 * 4 * 8 / 256
