@@ -8,8 +8,9 @@ from torch import nn
 
 
 def learning_rate(cfg) -> float:
-    """Linear scaling rule of the papers: lr = base_lr x (gpus x per_gpu_batch) / reference_batch."""
-    return cfg.base_lr * cfg.gpus * cfg.per_gpu_batch / cfg.reference_batch
+    """Linear scaling rule of the papers: lr = base_lr x (gpus x per_gpu_batch) / reference_batch.
+    `cfg`: the run's config, as a DictConfig or a plain dict."""
+    return cfg["base_lr"] * cfg["gpus"] * cfg["per_gpu_batch"] / cfg["reference_batch"]
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm: bool) -> list[dict]:

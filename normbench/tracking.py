@@ -41,10 +41,11 @@ class Tracker:
             self.run.finish(exit_code=0 if exc[0] is None else 1)
 
 
-def progress(iterable, total: int, desc: str, enabled: bool, images_per_step: int):
+def progress(iterable, total: int, desc: str, enabled: bool):
     """A progress bar with images/s and ETA; sparse updates when the output is not a terminal (logs, CI)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit="step", leave=False,
-                mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True,
-                unit_scale=False, postfix={"img/s": "-"}) if enabled else iterable
+    if not enabled:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30, postfix={"img/s": "-"})

@@ -26,6 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from normbench import distributed, runs
+from normbench.data import DataError, build_data
+from normbench.models import build_model
+from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
+                             uses_batch_stats_in_training)
 from normbench.optim import build_optimizer, build_scheduler, learning_rate
 from normbench.tracking import Tracker, progress
 
@@ -115,7 +119,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, ctx) -> dic
     images_per_step = cfg.gpus * cfg.per_gpu_batch
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
-    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", ctx["show_progress"], images_per_step)
+    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", ctx["show_progress"])
     for step, (images, labels) in enumerate(bar):
         if ctx["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -168,11 +172,6 @@ def median_last5(history: list[dict]) -> float | None:
 def train(cfg: DictConfig) -> dict:
     """Train (or resume, or skip) the run `cfg` describes; returns its result, with `outcome` saying which of
     completed / skipped / resumed / diverged / failed / busy happened (for the sweep summary)."""
-    from normbench.data import DataError, build_data
-    from normbench.models import build_model
-    from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
-                                 uses_batch_stats_in_training)
-
     try:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:  # a bad interpolation, e.g. ${gpus_for:64,3}
@@ -214,15 +213,13 @@ def train(cfg: DictConfig) -> dict:
         log.info("skip %s: another process is training it", directory)
         return {"status": "running", "outcome": "busy", "run_dir": str(directory)}
     try:
-        return _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler,
-                    reestimate_batch_average, switchable_importance, uses_batch_stats_in_training(model))
+        return _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler)
     finally:
         if lock:
             lock.release()
 
 
-def _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler,
-         reestimate_batch_average, switchable_importance, sync_every_step) -> dict:
+def _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler) -> dict:
     started = time.perf_counter()
     checkpoint_path, metrics_path = directory / "checkpoint.pt", directory / "metrics.jsonl"
     start_epoch, history, wall_before = 0, [], 0.0
@@ -248,7 +245,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
         train_model = torch.compile(train_model)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fast["amp"])
     ctx = {"device": device, "dist": d, "raw_model": model, "channels_last": fast["channels_last"],
-           "sync_buffers_every_step": sync_every_step and d.enabled,
+           "sync_buffers_every_step": uses_batch_stats_in_training(model) and d.enabled,
            "show_progress": d.is_main and cfg.logger.progress,
            "autocast": (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext}
 
@@ -284,7 +281,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
             raise
         finally:
             result = _result(config, status, history, diverged_epoch, error,
-                             wall_before + time.perf_counter() - started, model, switchable_importance)
+                             wall_before + time.perf_counter() - started, model)
             if d.is_main:
                 runs.write_json(directory / "result.json", result)
                 tracker.summary({k: v for k, v in result.items() if k.startswith("top")})
@@ -293,7 +290,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
     return {**result, "outcome": outcome}
 
 
-def _result(config, status, history, diverged_epoch, error, wall_time_s, model, switchable_importance) -> dict:
+def _result(config, status, history, diverged_epoch, error, wall_time_s, model) -> dict:
     done = status == "completed"
     last = history[-1] if history else {}
     importance = switchable_importance(model) if config["norm"]["name"] == "sn" else None
@@ -307,13 +304,9 @@ def _result(config, status, history, diverged_epoch, error, wall_time_s, model, 
         "top1_error_median_last5": median_last5(history) if done else None,
         "top5_error_final": last.get("top5_error") if done else None,
         "diverged_epoch": diverged_epoch, "error_message": error, "wall_time_s": round(wall_time_s, 2),
-        "sn_importance": importance, "lr": learning_rate_of(config),
+        "sn_importance": importance, "lr": learning_rate(config),
         "git": runs.git_state(), "config": config,
     }
-
-
-def learning_rate_of(config: dict) -> float:
-    return learning_rate(OmegaConf.create(config))
 
 
 def _command_line_overrides() -> list[str]:
