@@ -14,7 +14,7 @@ install: $(STAMP) data
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]" --config-settings editable_mode=compat
+	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 # Fashion-MNIST offline: Debian's package when we can install it; otherwise torchvision downloads on first use.
