@@ -5,24 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from float64 import D, rand, set_affine
+
 from normbench.norms import NormConfigError, build_norm
 from normbench.norms import batch_norm as bn_mod
 
-D = torch.float64
 SHAPES = [(4, 3, 6, 5), (6, 5, 3, 7), (8, 4, 1, 1), (2, 6, 4, 4)]
-
-
-def rand(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=D)
-
-
-def set_affine(layer, seed=1):
-    C = layer.weight.numel()
-    with torch.no_grad():
-        layer.weight.copy_(1 + 0.5 * rand(C, seed=seed))
-        layer.bias.copy_(rand(C, seed=seed + 1))
-    return layer
 
 
 def ref_bn_train(x, w, b, n, eps=1e-5):

@@ -5,24 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from float64 import D, rand, set_affine
+
 from normbench.norms import (DynamicMomentShortcut, MomentShortcut, NormConfigError, WSConv2d,
                              build_norm)
 
-D = torch.float64
 SHAPES = [(2, 8, 5, 7), (3, 6, 5, 7), (1, 12, 4, 4), (2, 8, 1, 1)]
-
-
-def rand(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=D)
-
-
-def set_affine(layer, seed=1):
-    C = layer.weight.numel()
-    with torch.no_grad():
-        layer.weight.copy_(1 + 0.5 * rand(C, seed=seed))
-        layer.bias.copy_(rand(C, seed=seed + 1))
-    return layer
 
 
 def ref_group(x, G, w, b, eps=1e-5):

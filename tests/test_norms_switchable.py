@@ -7,16 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from float64 import D, rand
+
 from normbench.norms import (NormConfigError, build_norm, norm_layer, reestimate_batch_average,
                              switchable_importance)
 
-D = torch.float64
 NEG = -1e4  # softmax weight exp(-1e4) == 0.0 exactly in float64
-
-
-def rand(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=D)
 
 
 def biased(x, dims):

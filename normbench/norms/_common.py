@@ -93,6 +93,13 @@ def check_momentum(layer: str, value):
     return check_float(layer, "momentum", value, low=0.0, high=1.0)
 
 
+def check_batch_options(layer: str, per_gpu_batch, momentum, eps) -> None:
+    """The options every layer with per-GPU batch statistics takes (bn, sn, brn, evonorm_b0)."""
+    check_int(layer, "per_gpu_batch", per_gpu_batch, minimum=1, allow_none=True)
+    check_momentum(layer, momentum)
+    check_eps(layer, eps)
+
+
 def check_channels(layer: str, num_channels, minimum: int = 1) -> int:
     if not _is_int(num_channels):
         raise NormConfigError(f"{layer}: num_channels={num_channels!r} must be an integer")

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (add_affine, add_running_stats, NormConfigError, NormLayer, check_bool, check_channels,
-                      check_eps, check_float, check_input, check_int, check_momentum,
+from ._common import (NormConfigError, NormLayer, add_affine, add_running_stats, check_batch_options,
+                      check_bool, check_channels, check_float, check_input, check_int,
                       check_values_per_channel, split_chunks)
 from ._fused import stats_affine, var_mean
 
@@ -61,9 +61,7 @@ class BatchRenorm2d(NormLayer, nn.Module):
         check_int(L, "rmax_steps", rmax_steps, minimum=1)
         check_float(L, "dmax_max", dmax_max, low=0.0)
         check_int(L, "dmax_steps", dmax_steps, minimum=1)
-        check_int(L, "per_gpu_batch", per_gpu_batch, minimum=1, allow_none=True)
-        check_momentum(L, momentum)
-        check_eps(L, eps)
+        check_batch_options(L, per_gpu_batch, momentum, eps)
         if schedule:
             if rmax is not None or dmax is not None:
                 raise NormConfigError(f"{L}: rmax={rmax}/dmax={dmax} are fixed values but schedule=true; with a "

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import (add_affine, add_running_stats, NormLayer, check_channels, check_eps, check_input,
-                      check_int, check_momentum, check_values_per_channel, split_chunks)
+from ._common import (NormLayer, add_affine, add_running_stats, check_batch_options, check_channels,
+                      check_eps, check_input, check_int, check_values_per_channel, split_chunks)
 from ._fused import var_mean
 from .group_norm import resolve_groups
 
@@ -28,9 +28,7 @@ class EvoNorm2dB0(NormLayer, nn.Module):
 
     @staticmethod
     def check_options(per_gpu_batch=None, momentum=0.1, eps=1e-5, _layer="evonorm_b0"):
-        check_int(_layer, "per_gpu_batch", per_gpu_batch, minimum=1, allow_none=True)
-        check_momentum(_layer, momentum)
-        check_eps(_layer, eps)
+        check_batch_options(_layer, per_gpu_batch, momentum, eps)
 
     def __init__(self, num_channels: int, per_gpu_batch: int | None = None, momentum: float = 0.1,
                  eps: float = 1e-5, device=None, dtype=None):

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (add_affine, add_running_stats, NormConfigError, NormLayer, check_bool, check_channels,
-                      check_choice, check_eps, check_input, check_int, check_momentum,
-                      check_values_per_channel, split_chunks)
+from ._common import (NormConfigError, NormLayer, add_affine, add_running_stats, check_batch_options,
+                      check_bool, check_channels, check_choice, check_input, check_values_per_channel,
+                      split_chunks)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["SwitchableNorm2d", "switchable_importance", "reestimate_batch_average"]
@@ -87,11 +87,9 @@ class SwitchableNorm2d(NormLayer, nn.Module):
     @staticmethod
     def check_options(per_gpu_batch=None, use_bn=True, inference="moving_average", momentum=0.1, eps=1e-5,
                       _layer="sn"):
-        check_int(_layer, "per_gpu_batch", per_gpu_batch, minimum=1, allow_none=True)
+        check_batch_options(_layer, per_gpu_batch, momentum, eps)
         check_bool(_layer, "use_bn", use_bn)
         check_choice(_layer, "inference", inference, INFERENCE_MODES)
-        check_momentum(_layer, momentum)
-        check_eps(_layer, eps)
         if use_bn and per_gpu_batch == 1:
             raise NormConfigError(
                 f"{_layer}: use_bn=true with per_gpu_batch=1 makes the BN statistics equal IN's (one image per "
