@@ -213,6 +213,9 @@ def train(cfg: DictConfig) -> dict:
         log.info("skip %s: another process is training it", directory)
         return {"status": "running", "outcome": "busy", "run_dir": str(directory)}
     try:
+        previous = runs.read_json(directory / "result.json")  # another sweep may have finished it meanwhile
+        if previous and previous["status"] in ("completed", "diverged"):
+            return {**previous, "outcome": "skipped"}
         return _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler)
     finally:
         if lock:
@@ -224,7 +227,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
     checkpoint_path, metrics_path = directory / "checkpoint.pt", directory / "metrics.jsonl"
     start_epoch, history, wall_before = 0, [], 0.0
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
