@@ -158,3 +158,18 @@ def add_running_stats(module: nn.Module, num_channels: int, device=None, dtype=N
         module.register_buffer("running_mean", torch.zeros(num_channels, device=device, dtype=dtype))
     module.register_buffer("running_var", torch.ones(num_channels, device=device, dtype=dtype))
     module.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+
+
+def init_batch_layer(module: nn.Module, num_channels: int, per_gpu_batch, momentum, eps, device=None,
+                     dtype=None, running_mean: bool = True) -> dict:
+    """The state every layer with per-GPU batch statistics has (bn, brn, sn, evonorm_b0): channel count,
+    per_gpu_batch / momentum / eps, per-channel affine and BatchNorm2d-compatible running statistics.
+    Returns the factory kwargs for the layer's own extra parameters."""
+    module.num_channels = module.num_features = check_channels(module.norm_name, num_channels)
+    module.per_gpu_batch = per_gpu_batch
+    module.momentum = float(momentum)
+    module.eps = float(eps)
+    fk = {"device": device, "dtype": dtype}
+    add_affine(module, num_channels, **fk)
+    add_running_stats(module, num_channels, **fk, mean=running_mean)
+    return fk

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormLayer, add_affine, add_running_stats, check_batch_options, check_channels,
-                      check_eps, check_input, check_momentum, check_values_per_channel, split_chunks)
+from ._common import (NormLayer, check_batch_options, check_channels, check_eps, check_input, check_momentum,
+                      check_values_per_channel, init_batch_layer, split_chunks)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["PerGPUBatchNorm2d", "SyncBatchNorm2d", "chunked_batch_norm"]
@@ -109,13 +109,7 @@ class PerGPUBatchNorm2d(NormLayer, nn.Module):
                  eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         self.check_options(per_gpu_batch, momentum, eps, _layer=self.norm_name)
-        self.num_features = self.num_channels = check_channels(self.norm_name, num_channels)
-        self.per_gpu_batch = per_gpu_batch
-        self.momentum = float(momentum)
-        self.eps = float(eps)
-        fk = {"device": device, "dtype": dtype}
-        add_affine(self, num_channels, **fk)
-        add_running_stats(self, num_channels, **fk)
+        init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype)
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()

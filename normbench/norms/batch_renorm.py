@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormConfigError, NormLayer, add_affine, add_running_stats, check_batch_options,
-                      check_bool, check_channels, check_float, check_input, check_int,
-                      check_values_per_channel, split_chunks)
+from ._common import (NormConfigError, NormLayer, check_batch_options, check_bool, check_float, check_input,
+                      check_int, check_values_per_channel, init_batch_layer, split_chunks)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["BatchRenorm2d"]
@@ -78,18 +77,12 @@ class BatchRenorm2d(NormLayer, nn.Module):
         super().__init__()
         self.check_options(rmax, dmax, schedule, warmup_steps, rmax_max, rmax_steps, dmax_max, dmax_steps,
                            per_gpu_batch, momentum, eps)
-        self.num_channels = self.num_features = check_channels(self.norm_name, num_channels)
+        init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype)
         self.schedule = schedule
         self.rmax = 1.5 if rmax is None else float(rmax)
         self.dmax = 0.5 if dmax is None else float(dmax)
         self.warmup_steps, self.rmax_max, self.rmax_steps = int(warmup_steps), float(rmax_max), int(rmax_steps)
         self.dmax_max, self.dmax_steps = float(dmax_max), int(dmax_steps)
-        self.per_gpu_batch = per_gpu_batch
-        self.momentum = float(momentum)
-        self.eps = float(eps)
-        fk = {"device": device, "dtype": dtype}
-        add_affine(self, num_channels, **fk)
-        add_running_stats(self, num_channels, **fk)
 
     def extra_repr(self) -> str:
         if self.schedule:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import (NormLayer, add_affine, add_running_stats, check_batch_options, check_channels,
-                      check_eps, check_input, check_int, check_values_per_channel, split_chunks)
+from ._common import (NormLayer, add_affine, check_batch_options, check_channels, check_eps, check_input,
+                      check_int, check_values_per_channel, init_batch_layer, split_chunks)
 from ._fused import var_mean
 from .group_norm import resolve_groups
 
@@ -34,14 +34,8 @@ class EvoNorm2dB0(NormLayer, nn.Module):
                  eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         self.check_options(per_gpu_batch, momentum, eps)
-        self.num_channels = self.num_features = check_channels(self.norm_name, num_channels)
-        self.per_gpu_batch = per_gpu_batch
-        self.momentum = float(momentum)
-        self.eps = float(eps)
-        fk = {"device": device, "dtype": dtype}
-        add_affine(self, num_channels, **fk)
+        fk = init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype, running_mean=False)
         self.v = nn.Parameter(torch.ones(num_channels, **fk))
-        add_running_stats(self, num_channels, **fk, mean=False)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"

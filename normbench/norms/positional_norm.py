@@ -83,6 +83,18 @@ class PositionalNorm(NormLayer, nn.Module):
         return y
 
 
+def _moments(layer: str, source, mean: Tensor | None, std: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The explicit (mean, std), or the latest ones of the PONO layer a shortcut was built with."""
+    if mean is None or std is None:
+        pono = source[0]
+        if pono is None or pono.last_mean is None:
+            raise NormConfigError(f"{layer}: no moments; pass mean and std, or build the shortcut with its PONO "
+                                  "layer and run that layer's forward first")
+        mean = pono.last_mean if mean is None else mean
+        std = pono.last_std if std is None else std
+    return mean, std
+
+
 class MomentShortcut(nn.Module):
     """``y = x * std + mean``. Pass ``mean``/``std`` explicitly, or give the PONO layer whose latest moments
     to use (held by reference, NOT registered as a submodule, so parameters are not duplicated)."""
@@ -92,13 +104,7 @@ class MomentShortcut(nn.Module):
         self.__dict__["_source"] = (pono,)
 
     def forward(self, x: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
-        src = self.__dict__["_source"][0]
-        if mean is None or std is None:
-            if src is None or src.last_mean is None:
-                raise NormConfigError("ms: no moments; pass mean and std or build MomentShortcut(pono_layer) "
-                                      "and run that PONO layer's forward first")
-            mean = src.last_mean if mean is None else mean
-            std = src.last_std if std is None else std
+        mean, std = _moments("ms", self.__dict__["_source"], mean, std)
         return torch.addcmul(mean, x, std)
 
 
@@ -134,12 +140,6 @@ class DynamicMomentShortcut(nn.Module):
         self.__dict__["_source"] = (pono,)
 
     def forward(self, x: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
-        src = self.__dict__["_source"][0]
-        if mean is None or std is None:
-            if src is None or src.last_mean is None:
-                raise NormConfigError("dms: no moments; pass mean and std or build DynamicMomentShortcut(..., "
-                                      "pono=pono_layer) and run that PONO layer's forward first")
-            mean = src.last_mean if mean is None else mean
-            std = src.last_std if std is None else std
+        mean, std = _moments("dms", self.__dict__["_source"], mean, std)
         beta, gamma = self.net(torch.cat([mean, std], dim=1)).split(self.out, dim=1)
         return torch.addcmul(beta, x, gamma)

@@ -37,9 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormConfigError, NormLayer, add_affine, add_running_stats, check_batch_options,
-                      check_bool, check_channels, check_choice, check_input, check_values_per_channel,
-                      split_chunks)
+from ._common import (NormConfigError, NormLayer, check_batch_options, check_bool, check_choice, check_input,
+                      check_values_per_channel, init_batch_layer, split_chunks)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["SwitchableNorm2d", "switchable_importance", "reestimate_batch_average"]
@@ -100,17 +99,11 @@ class SwitchableNorm2d(NormLayer, nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.check_options(per_gpu_batch, use_bn, inference, momentum, eps)
-        self.num_channels = self.num_features = check_channels(self.norm_name, num_channels)
-        self.per_gpu_batch = per_gpu_batch
+        fk = init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype)
         self.use_bn = use_bn
         self.inference = inference
-        self.momentum = float(momentum)
-        self.eps = float(eps)
-        fk = {"device": device, "dtype": dtype}
-        add_affine(self, num_channels, **fk)
-        self.mean_weight = nn.Parameter(torch.ones(3, **fk))
+        self.mean_weight = nn.Parameter(torch.ones(3, **fk))  # the 6 control logits, equal thirds at init
         self.var_weight = nn.Parameter(torch.ones(3, **fk))
-        add_running_stats(self, num_channels, **fk)
         self._reestimating = False  # set by reestimate_batch_average
         self._acc: list[Tensor] | None = None
         self._stale_batch_average = False
