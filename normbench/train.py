@@ -149,15 +149,17 @@ def evaluate(model, loader, ctx) -> dict:
     model.eval()
     device = ctx["device"]
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, loss sum, count
+    count = 0
     for images, labels in loader:
         if ctx["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         with ctx["autocast"]():
             logits = model(images).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        totals += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(),
-                               F.cross_entropy(logits, labels, reduction="sum"),
-                               torch.tensor(labels.numel(), device=device)]).double()
+        totals[:3] += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(),
+                                   F.cross_entropy(logits, labels, reduction="sum")]).double()
+        count += labels.numel()
+    totals[3] = count
     top1, top5, loss, count = distributed.all_reduce_sum(totals, ctx["dist"]).tolist()
     return {"top1_error": 100.0 * (1 - top1 / count), "top5_error": 100.0 * (1 - top5 / count),
             "eval_loss": loss / count}
@@ -169,6 +171,12 @@ def median_last5(history: list[dict]) -> float | None:
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
+def _finished(directory: Path) -> dict | None:
+    """The run's result if it needs no more training (completed, or diverged: a result too)."""
+    previous = runs.read_json(directory / "result.json")
+    return {**previous, "outcome": "skipped"} if previous and previous["status"] in ("completed", "diverged") else None
+
+
 def train(cfg: DictConfig) -> dict:
     """Train (or resume, or skip) the run `cfg` describes; returns its result, with `outcome` saying which of
     completed / skipped / resumed / diverged / failed / busy happened (for the sweep summary)."""
@@ -186,10 +194,9 @@ def train(cfg: DictConfig) -> dict:
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     directory = runs.run_dir(config)
-    previous = runs.read_json(directory / "result.json")
-    if previous and previous["status"] in ("completed", "diverged"):
-        log.info("skip %s: already %s", directory, previous["status"])
-        return {**previous, "outcome": "skipped"}
+    if finished := _finished(directory):
+        log.info("skip %s: already %s", directory, finished["status"])
+        return finished
 
     fast = fast_settings(config, device)
     torch.backends.cudnn.benchmark = fast["cudnn_benchmark"]
@@ -213,9 +220,8 @@ def train(cfg: DictConfig) -> dict:
         log.info("skip %s: another process is training it", directory)
         return {"status": "running", "outcome": "busy", "run_dir": str(directory)}
     try:
-        previous = runs.read_json(directory / "result.json")  # another sweep may have finished it meanwhile
-        if previous and previous["status"] in ("completed", "diverged"):
-            return {**previous, "outcome": "skipped"}
+        if finished := _finished(directory):  # another sweep may have finished it while we built
+            return finished
         return _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler)
     finally:
         if lock:
@@ -261,7 +267,6 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                 row = train_one_epoch(train_model, data.train, optimizer, scheduler, epoch, cfg, ctx)
                 distributed.average_buffers(model, d)
                 if cfg.norm.name == "sn" and cfg.norm.inference == "batch_average":
-                    data.train.set_epoch(epoch)
                     batches = (x for _, (x, _) in zip(range(cfg.norm.reestimate_batches), data.train))
                     reestimate_batch_average(model, batches)
                 row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, ctx)}
@@ -299,7 +304,7 @@ def _result(config, status, history, diverged_epoch, error, wall_time_s, model) 
     importance = switchable_importance(model) if config["norm"]["name"] == "sn" else None
     return {
         "status": status, "experiment": config["experiment"], "run_id": runs.run_id(config),
-        "run_dir": str(Path(config["experiment"]) / runs.run_name(config)),
+        "run_dir": str(runs.run_dir(config).relative_to(config["results_dir"])),
         "model": config["model"]["id"], "data": config["data"]["name"], "norm": norm_label(config),
         "norm_options": norm_options(config), "gpus": config["gpus"], "per_gpu_batch": config["per_gpu_batch"],
         "seed": config["seed"], "epochs": config["epochs"], "epochs_completed": len(history),

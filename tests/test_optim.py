@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from normbench.models import build_model
 from normbench.norms import norm_layer
-from normbench.optim import learning_rate, lr_factor, parameter_groups
+from normbench.optim import build_optimizer, build_scheduler, learning_rate, lr_factor, parameter_groups
 
 STEP = OmegaConf.create({"name": "step", "milestones": [0.3, 0.6, 0.9], "gamma": 0.1})
 COSINE = OmegaConf.create({"name": "cosine", "milestones": [], "gamma": 0.1})
@@ -21,11 +21,27 @@ def test_linear_scaling_rule():
 
 
 def test_step_schedule_decays_at_epochs_30_60_90_of_100():
-    steps_per_epoch, total = 10, 1000
+    total = 1000
     expected = {0: 1.0, 299: 1.0, 300: 0.1, 599: 0.1, 600: 0.01, 899: 0.01, 900: 0.001, 999: 0.001}
     for step, factor in expected.items():
         assert lr_factor(step, total, 0, STEP) == pytest.approx(factor), step
-    assert steps_per_epoch * 30 == 300
+
+
+def test_scheduler_steps_the_recipe_through_a_real_optimizer():
+    """100 epochs of 10 steps: lr 0.1 x (8 x 32) / 256, x0.1 entering epochs 30, 60 and 90 (papers.md)."""
+    cfg = OmegaConf.create({"base_lr": 0.1, "gpus": 8, "per_gpu_batch": 32, "reference_batch": 256,
+                            "epochs": 100, "schedule": {**STEP, "warmup_epochs": 0},
+                            "optim": {"momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+                                      "decay_norm": True}})
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    lr_at_epoch = {}
+    for step in range(1000):
+        lr_at_epoch.setdefault(step // 10, optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    for epoch, lr in {0: 0.1, 29: 0.1, 30: 0.01, 59: 0.01, 60: 0.001, 89: 0.001, 90: 1e-4, 99: 1e-4}.items():
+        assert lr_at_epoch[epoch] == pytest.approx(lr), epoch
 
 
 def test_warmup_then_half_cosine():
