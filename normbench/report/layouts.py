@@ -257,59 +257,42 @@ def _t3_cell(option: str, other: str):
     return cell_of
 
 
-GN_GROUPS = Layout(
-    name="gn_groups",
-    title="GN paper Table 3 (top): number of groups G at 32 images per GPU (top-1 error %, lower is better)",
-    metric="error",
-    csv_metric="top1_error_median_last5",
-    col_header="groups G",
-    rows=(("gn", "GN"),),
-    cols=tuple((k, k + (" (=LN)" if k == "1" else "")) for k in _T3_KEYS),
-    cell_of=_t3_cell("groups", "channels_per_group"),
-    layout_note="runs with norm=gn, per_gpu_batch=32, norm_options.groups in {64..1} and "
-    "channels_per_group null; column = groups",
-    paper={("gn", str(k)): v for k, v in _T3G["values"].items()},
-    paper_source=_T3G["source"],
-    paper_caveat=_T3G["caveat"],
-    single_sourced=frozenset(("gn", str(k)) for k in _T3G["single_sourced"]),
-    derived=(Derived("minus best", "minus best", "top1_error_diff", _minus_best("gn")),),
-    trends=(
-        Trend("Best G", _best_col("gn"), "text"),
-        Trend("LN (G=1) minus best", _minus_best_at("gn", "1")),
-        Trend("Spread over G (max - min)", _spread("gn")),
-    ),
-    figure="xy",
-    x_values={k: float(k) for k in _T3_KEYS},
-    x_label="groups G (log2 scale)",
-    sweep_axis="norm.groups",
-)
+def _table3_layout(name: str, option: str, other: str, title: str, what: str, short: str, end_label: str,
+                   end_trend: str, paper_table: dict) -> Layout:
+    """GN Table 3, either half: GN at 32 images/GPU over `option` (groups or channels per group), 64 .. 1,
+    where the value 1 is `end_label` (LN for groups, IN for channels per group)."""
+    return Layout(
+        name=name,
+        title=f"GN paper Table 3 ({title}): {what} at 32 images per GPU (top-1 error %, lower is better)",
+        metric="error",
+        csv_metric="top1_error_median_last5",
+        col_header=what,
+        rows=(("gn", "GN"),),
+        cols=tuple((k, k + (f" (={end_label})" if k == "1" else "")) for k in _T3_KEYS),
+        cell_of=_t3_cell(option, other),
+        layout_note=f"runs with norm=gn, per_gpu_batch=32, norm_options.{option} in {{64..1}} and "
+        f"{other} null; column = {option}",
+        paper={("gn", str(k)): v for k, v in paper_table["values"].items()},
+        paper_source=paper_table["source"],
+        paper_caveat=paper_table["caveat"],
+        single_sourced=frozenset(("gn", str(k)) for k in paper_table["single_sourced"]),
+        derived=(Derived("minus best", "minus best", "top1_error_diff", _minus_best("gn")),),
+        trends=(
+            Trend(f"Best {short}", _best_col("gn"), "text"),
+            Trend(f"{end_trend} minus best", _minus_best_at("gn", "1")),
+            Trend(f"Spread over {short} (max - min)", _spread("gn")),
+        ),
+        figure="xy",
+        x_values={k: float(k) for k in _T3_KEYS},
+        x_label=f"{what} (log2 scale)",
+        sweep_axis=f"norm.{option}",
+    )
 
-GN_CHANNELS = Layout(
-    name="gn_channels_per_group",
-    title="GN paper Table 3 (bottom): channels per group at 32 images per GPU (top-1 error %, lower is better)",
-    metric="error",
-    csv_metric="top1_error_median_last5",
-    col_header="channels per group",
-    rows=(("gn", "GN"),),
-    cols=tuple((k, k + (" (=IN)" if k == "1" else "")) for k in _T3_KEYS),
-    cell_of=_t3_cell("channels_per_group", "groups"),
-    layout_note="runs with norm=gn, per_gpu_batch=32, norm_options.channels_per_group in {64..1} and "
-    "groups null; column = channels_per_group",
-    paper={("gn", str(k)): v for k, v in _T3C["values"].items()},
-    paper_source=_T3C["source"],
-    paper_caveat=_T3C["caveat"],
-    single_sourced=frozenset(("gn", str(k)) for k in _T3C["single_sourced"]),
-    derived=(Derived("minus best", "minus best", "top1_error_diff", _minus_best("gn")),),
-    trends=(
-        Trend("Best channels per group", _best_col("gn"), "text"),
-        Trend("IN (1 channel/group) minus best", _minus_best_at("gn", "1")),
-        Trend("Spread over channels per group (max - min)", _spread("gn")),
-    ),
-    figure="xy",
-    x_values={k: float(k) for k in _T3_KEYS},
-    x_label="channels per group (log2 scale)",
-    sweep_axis="norm.channels_per_group",
-)
+
+GN_GROUPS = _table3_layout("gn_groups", "groups", "channels_per_group", "top", "groups G", "G",
+                           "LN", "LN (G=1)", _T3G)
+GN_CHANNELS = _table3_layout("gn_channels_per_group", "channels_per_group", "groups", "bottom",
+                             "channels per group", "channels per group", "IN", "IN (1 channel/group)", _T3C)
 
 # --------------------------------------------------------------------------------------------------
 # sn_table
