@@ -16,3 +16,15 @@ def set_affine(layer, seed=1):
         layer.weight.copy_(1 + 0.5 * rand(C, seed=seed))
         layer.bias.copy_(rand(C, seed=seed + 1))
     return layer
+
+
+def gpu_chunks(x, n):
+    """The emulated GPUs of n images each, as normbench assigns them: GPU j holds images j, j+k, j+2k, ...
+    (k = N // n; n=None: one GPU holds the whole batch)."""
+    k = 1 if n is None else x.shape[0] // n
+    return [x[j::k] for j in range(k)]
+
+
+def from_gpu_chunks(chunks):
+    """Inverse of gpu_chunks (differentiable): per-GPU tensors back in batch order."""
+    return torch.stack(chunks, 1).flatten(0, 1)

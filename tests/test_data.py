@@ -159,7 +159,8 @@ def test_train_loader_follows_the_documented_rule():
 
 
 @pytest.mark.parametrize("ws", [2, 4])
-def test_ranks_concatenate_to_world_size_one(ws):
+def test_ranks_interleave_to_world_size_one(ws):
+    """Rank r of ws takes positions r, r+ws, ... of the global batch (so position p is on GPU p mod gpus)."""
     x, y = index_dataset()
     G = 12
     ref_x, ref_y = collect(make_loaders(x, y, G=G)[0], epoch=1)
@@ -171,8 +172,8 @@ def test_ranks_concatenate_to_world_size_one(ws):
         assert all(t.shape[0] == G // ws for t in ys)
         per_rank.append((xs, ys))
     for b in range(len(ref_y)):
-        assert torch.equal(torch.cat([pr[0][b] for pr in per_rank]), ref_x[b])
-        assert torch.equal(torch.cat([pr[1][b] for pr in per_rank]), ref_y[b])
+        for r, (xs, ys) in enumerate(per_rank):
+            assert torch.equal(xs[b], ref_x[b][r::ws]) and torch.equal(ys[b], ref_y[b][r::ws])
 
 
 def test_epoch_replay_and_epochs_differ_and_global_rng_untouched():
@@ -411,8 +412,8 @@ def test_cifar_world_size_determinism(tmp_path):
     r1 = collect(build_data(cfg, global_batch=8, seed=1, rank=1, world_size=2, device=CPU).train, epoch=5)
     assert len(ref[0]) == 50 // 8
     for b in range(len(ref[0])):
-        assert torch.equal(torch.cat([r0[0][b], r1[0][b]]), ref[0][b])
-        assert torch.equal(torch.cat([r0[1][b], r1[1][b]]), ref[1][b])
+        for r, got in enumerate((r0, r1)):
+            assert torch.equal(got[0][b], ref[0][b][r::2]) and torch.equal(got[1][b], ref[1][b][r::2])
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "not_dict", "bad_shape"])

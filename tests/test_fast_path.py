@@ -17,11 +17,11 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 
 def _reference_bn(x64: torch.Tensor, chunks: int) -> torch.Tensor:
-    """Per-GPU BN (training, gamma 1, beta 0) in float64, straight from the equations."""
+    """Per-GPU BN (training, gamma 1, beta 0) in float64, straight from the equations; image i on GPU i mod k."""
     n, c, h, w = x64.shape
-    v = x64.reshape(chunks, n // chunks, c, h, w)
-    mean = v.mean(dim=(1, 3, 4), keepdim=True)
-    var = v.var(dim=(1, 3, 4), unbiased=False, keepdim=True)
+    v = x64.reshape(n // chunks, chunks, c, h, w)
+    mean = v.mean(dim=(0, 3, 4), keepdim=True)
+    var = v.var(dim=(0, 3, 4), unbiased=False, keepdim=True)
     return ((v - mean) / torch.sqrt(var + 1e-5)).reshape(n, c, h, w)
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from float64 import D, rand, set_affine
+from float64 import D, from_gpu_chunks, gpu_chunks, rand, set_affine
 
 from normbench.norms import NormConfigError, build_norm
 from normbench.norms import batch_norm as bn_mod
@@ -14,9 +14,10 @@ SHAPES = [(4, 3, 6, 5), (6, 5, 3, 7), (8, 4, 1, 1), (2, 6, 4, 4)]
 
 
 def ref_bn_train(x, w, b, n, eps=1e-5):
-    """Per chunk of n images: (x - mean) / sqrt(biased var + eps) * w + b; returns y, chunk means, unbiased vars."""
+    """Per emulated GPU of n images (GPU j = images j, j+k, ...): (x - mean) / sqrt(biased var + eps) * w + b;
+    returns y, per-GPU means, unbiased vars."""
     ys, means, uvars = [], [], []
-    for c in x.split(n, dim=0):
+    for c in gpu_chunks(x, n):
         M = c.shape[0] * c.shape[2] * c.shape[3]
         mean = c.sum(dim=(0, 2, 3)) / M
         dev = c - mean.view(1, -1, 1, 1)
@@ -24,13 +25,13 @@ def ref_bn_train(x, w, b, n, eps=1e-5):
         ys.append(dev / torch.sqrt(var.view(1, -1, 1, 1) + eps) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
         means.append(mean)
         uvars.append(var * M / (M - 1))
-    return torch.cat(ys), torch.stack(means), torch.stack(uvars)
+    return from_gpu_chunks(ys), torch.stack(means), torch.stack(uvars)
 
 
 # ---------------------------------------------------------------- per-GPU BN
 
 
-@pytest.mark.parametrize("impl", ["fused", "transpose"])
+@pytest.mark.parametrize("impl", ["view", "fused"])
 @pytest.mark.parametrize("shape,n", [((4, 3, 6, 5), 2), ((6, 5, 3, 7), 3), ((6, 5, 3, 7), 2), ((8, 4, 1, 1), 2),
                                      ((4, 3, 6, 5), None), ((1, 3, 6, 5), None)])
 def test_bn_train_eval_vs_formula(monkeypatch, impl, shape, n):
@@ -44,7 +45,7 @@ def test_bn_train_eval_vs_formula(monkeypatch, impl, shape, n):
     y = layer(x)
     ref, means, uvars = ref_bn_train(x, layer.weight.detach(), layer.bias.detach(), n or shape[0])
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
-    # running stats: average over chunks of each chunk's usual update
+    # running stats: average over GPUs of each GPU's usual update
     torch.testing.assert_close(layer.running_mean, (0.7 * rm0 + 0.3 * means).mean(0))
     torch.testing.assert_close(layer.running_var, (0.7 * rv0 + 0.3 * uvars).mean(0))
     assert int(layer.num_batches_tracked) == 1
@@ -71,7 +72,7 @@ def test_bn_one_chunk_equals_builtin():
     torch.testing.assert_close(ours2(x), F.batch_norm(x, None, None, ours2.weight, ours2.bias, True), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("impl", ["fused", "transpose"])
+@pytest.mark.parametrize("impl", ["view", "fused"])
 @pytest.mark.parametrize("k,n", [(4, 2), (3, 3)])
 def test_bn_chunks_equal_separate_bns(monkeypatch, impl, k, n):
     monkeypatch.setattr(bn_mod, "PER_GPU_IMPL", impl)
@@ -86,9 +87,9 @@ def test_bn_chunks_equal_separate_bns(monkeypatch, impl, k, n):
     outs = []
     for i, r in enumerate(refs):
         r.load_state_dict({kk: v for kk, v in ours.state_dict().items() if kk in ("weight", "bias")}, strict=False)
-        outs.append(r(xs[i * n:(i + 1) * n]))
-    torch.cat(outs).backward(gy)
-    torch.testing.assert_close(y, torch.cat(outs))
+        outs.append(r(gpu_chunks(xs, n)[i]))
+    from_gpu_chunks(outs).backward(gy)
+    torch.testing.assert_close(y, from_gpu_chunks(outs))
     torch.testing.assert_close(x.grad, xs.grad)
     torch.testing.assert_close(ours.weight.grad, sum(r.weight.grad for r in refs))
     torch.testing.assert_close(ours.bias.grad, sum(r.bias.grad for r in refs))
@@ -96,7 +97,7 @@ def test_bn_chunks_equal_separate_bns(monkeypatch, impl, k, n):
     torch.testing.assert_close(ours.running_var, torch.stack([r.running_var for r in refs]).mean(0))
 
 
-@pytest.mark.parametrize("impl", ["fused", "transpose"])
+@pytest.mark.parametrize("impl", ["view", "fused"])
 @pytest.mark.parametrize("n", [None, 2])
 def test_bn_gradcheck(monkeypatch, impl, n):
     monkeypatch.setattr(bn_mod, "PER_GPU_IMPL", impl)
@@ -107,7 +108,7 @@ def test_bn_gradcheck(monkeypatch, impl, n):
 
 @pytest.mark.parametrize("name,opts", [("bn", {"per_gpu_batch": 2}), ("bn", {}), ("brn", {"per_gpu_batch": 2}),
                                        ("evonorm_b0", {"per_gpu_batch": 2}), ("syncbn", {})])
-@pytest.mark.parametrize("impl", ["fused", "transpose"])
+@pytest.mark.parametrize("impl", ["auto", "fused"])
 def test_batch_layers_keep_channels_last(monkeypatch, impl, name, opts):
     monkeypatch.setattr(bn_mod, "PER_GPU_IMPL", impl)
     x = rand(4, 6, 5, 3)
@@ -147,7 +148,7 @@ def test_bn_errors_and_syncbn():
 
 def ref_brn_train(x, w, b, rm, rv, n, rmax, dmax, eps=1e-5):
     ys = []
-    for c in x.split(n, dim=0):
+    for c in gpu_chunks(x, n):
         M = c.shape[0] * c.shape[2] * c.shape[3]
         mB = (c.sum(dim=(0, 2, 3)) / M).view(1, -1, 1, 1)
         vB = ((c - mB) ** 2).sum(dim=(0, 2, 3)).view(1, -1, 1, 1) / M
@@ -156,7 +157,7 @@ def ref_brn_train(x, w, b, rm, rv, n, rmax, dmax, eps=1e-5):
         r = torch.clamp(sB / s, 1 / rmax, rmax).detach()
         d = torch.clamp((mB - rm.view(1, -1, 1, 1)) / s, -dmax, dmax).detach()
         ys.append(((c - mB) / sB * r + d) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
-    return torch.cat(ys)
+    return from_gpu_chunks(ys)
 
 
 @pytest.mark.parametrize("shape,n", [((4, 3, 6, 5), 2), ((6, 5, 3, 7), 3), ((3, 6, 5, 7), None), ((4, 2, 1, 1), 2)])
@@ -248,7 +249,7 @@ def test_brn_schedule_driven_by_step_buffer():
 
 def ref_evonorm_b0(x, w, b, v, n, running_var=None, eps=1e-5):
     ys = []
-    for c in x.split(n, dim=0):
+    for c in gpu_chunks(x, n):
         if running_var is None:
             M = c.shape[0] * c.shape[2] * c.shape[3]
             mB = c.sum(dim=(0, 2, 3), keepdim=True) / M
@@ -260,7 +261,7 @@ def ref_evonorm_b0(x, w, b, v, n, running_var=None, eps=1e-5):
         vI = ((c - mI) ** 2).sum(dim=(2, 3), keepdim=True) / HW
         den = torch.maximum(torch.sqrt(vB + eps), v.view(1, -1, 1, 1) * c + torch.sqrt(vI + eps))
         ys.append(c / den * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
-    return torch.cat(ys)
+    return from_gpu_chunks(ys)
 
 
 @pytest.mark.parametrize("shape,n", [((4, 3, 6, 5), 2), ((6, 5, 3, 7), None), ((4, 3, 1, 1), 2)])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from float64 import D, rand
+from float64 import D, from_gpu_chunks, gpu_chunks, rand
 
 from normbench.norms import (NormConfigError, build_norm, norm_layer, reestimate_batch_average,
                              switchable_importance)
@@ -26,9 +26,10 @@ def ref_sn(x, lm, lv, w, b, n, use_bn=True, running=None, eps=1e-5):
     m_ln, v_ln = biased(x, (1, 2, 3))
     if use_bn:
         if running is None:
-            stats = [biased(c, (0, 2, 3)) for c in x.split(n, 0)]
-            m_bn = torch.cat([s[0].expand(c.shape[0], C, 1, 1) for s, c in zip(stats, x.split(n, 0))])
-            v_bn = torch.cat([s[1].expand(c.shape[0], C, 1, 1) for s, c in zip(stats, x.split(n, 0))])
+            chunks = gpu_chunks(x, n)
+            stats = [biased(c, (0, 2, 3)) for c in chunks]
+            m_bn = from_gpu_chunks([s[0].expand(c.shape[0], C, 1, 1) for s, c in zip(stats, chunks)])
+            v_bn = from_gpu_chunks([s[1].expand(c.shape[0], C, 1, 1) for s, c in zip(stats, chunks)])
         else:
             m_bn, v_bn = running[0].view(1, C, 1, 1), running[1].view(1, C, 1, 1)
         wm, wv = torch.softmax(lm, 0), torch.softmax(lv, 0)
@@ -91,7 +92,7 @@ def test_sn_running_stats_and_eval():
     layer = make_sn(C, per_gpu_batch=n, momentum=0.3)
     x = rand(6, C, 4, 3)
     layer(x)
-    chunks = [biased(c, (0, 2, 3)) for c in x.split(n, 0)]
+    chunks = [biased(c, (0, 2, 3)) for c in gpu_chunks(x, n)]
     M = n * 4 * 3
     exp_mean = 0.7 * 0 + 0.3 * torch.stack([m.flatten() for m, _ in chunks]).mean(0)
     exp_var = 0.7 * 1 + 0.3 * torch.stack([v.flatten() * M / (M - 1) for _, v in chunks]).mean(0)
@@ -117,7 +118,7 @@ def test_one_hot_importance_reduces_to_in_ln_bn(which):
     elif which == 1:
         ref = F.group_norm(x, 1, w, b, 1e-5)
     else:
-        ref = torch.cat([F.batch_norm(c, None, None, w, b, True, 0.0, 1e-5) for c in x.split(n, 0)])
+        ref = from_gpu_chunks([F.batch_norm(c, None, None, w, b, True, 0.0, 1e-5) for c in gpu_chunks(x, n)])
     torch.testing.assert_close(layer(x), ref)
     layer.eval()
     if which == 2:
@@ -191,7 +192,7 @@ def test_batch_average_reproduces_average_of_batch_statistics():
     reestimate_batch_average(model, batches)
     feats = [F.conv2d(b[0] if isinstance(b, tuple) else b, conv.weight, conv.bias, padding=1).detach()
              for b in batches]
-    chunk_stats = [biased(c, (0, 2, 3)) for f in feats for c in f.split(n, 0)]
+    chunk_stats = [biased(c, (0, 2, 3)) for f in feats for c in gpu_chunks(f, n)]
     M = n * 5 * 6
     exp_mean = torch.stack([m.flatten() for m, _ in chunk_stats]).mean(0)
     exp_var = torch.stack([v.flatten() * M / (M - 1) for _, v in chunk_stats]).mean(0)

@@ -5,7 +5,9 @@ Determinism rule (the same for every dataset and every world size):
 * epoch ``e`` visits the training set in the order
   ``torch.randperm(num_train, generator=epoch_generator(seed, e, STREAM_ORDER))``;
 * global batch ``b`` is ``perm[b*G:(b+1)*G]`` (``G`` = global batch, last partial batch dropped);
-* rank ``r`` of ``w`` takes positions ``[r*G/w, (r+1)*G/w)`` of that global batch;
+* rank ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...`` of that global batch, in that order. With
+  per-GPU statistics a position ``p`` is then on emulated GPU ``p mod gpus`` whatever the number of processes
+  (each process emulates ``gpus / w`` GPUs with the same rule: ``normbench.norms._common.split_chunks``);
 * random augmentation parameters are drawn once per epoch, one per *position* of the
   epoch's order, from ``epoch_generator(seed, e, STREAM_AUGMENT)`` -- never from the
   global torch RNG -- so the image at a given position gets the same augmentation
@@ -104,9 +106,11 @@ def epoch_images(name: str, cfg: Any, num_train: int, global_batch: int) -> int:
     return size
 
 
-def rank_slice(global_batch: int, rank: int, world_size: int) -> slice:
-    local = global_batch // world_size
-    return slice(rank * local, (rank + 1) * local)
+def rank_slice(global_batch: int, rank: int, world_size: int, step: int = 0) -> slice:
+    """This rank's positions in the epoch order for global batch number ``step``: every ``world_size``-th
+    position from ``rank`` (see the module docstring)."""
+    start = step * global_batch
+    return slice(start + rank, start + global_batch, world_size)
 
 
 def eval_shard(num_eval: int, rank: int, world_size: int) -> tuple[int, int]:

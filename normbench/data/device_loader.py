@@ -119,7 +119,6 @@ class DeviceTrainLoader:
         self.epoch = 0
         self.num_samples = int(labels.shape[0])
         self.steps_per_epoch = (epoch_size or self.num_samples) // self.global_batch
-        self._slice = rank_slice(self.global_batch, self.rank, self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -140,18 +139,17 @@ class DeviceTrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         perm, aug = self.epoch_plan()
-        g, s = self.global_batch, self._slice
+        g = self.global_batch
         p = self.padding
         hp, wp = self.images.shape[-2:]
         row_off, col_table = crop_grids(hp - 2 * p, wp - 2 * p, wp, self.images.device)
         for b in range(self.steps_per_epoch):
-            lo = b * g + s.start
-            hi = b * g + s.stop
-            idx = perm[lo:hi]
+            pos = rank_slice(g, self.rank, self.world_size, step=b)
+            idx = perm[pos]
             x = self.images.index_select(0, idx)
             if aug is not None:
                 base, flip_idx = aug
-                x = gather_crop(x, base[lo:hi], flip_idx[lo:hi], row_off, col_table)
+                x = gather_crop(x, base[pos], flip_idx[pos], row_off, col_table)
             elif p:
                 x = x[:, :, p:-p, p:-p]
             yield self.normalize(x), self.labels.index_select(0, idx)

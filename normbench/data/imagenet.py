@@ -75,7 +75,7 @@ class GlobalBatchSliceSampler(Sampler):
         self.num_samples = num_samples
         self.epoch_size = epoch_size or num_samples
         self.global_batch = global_batch
-        self.slice = rank_slice(global_batch, rank, world_size)
+        self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.epoch = 0
 
@@ -90,8 +90,8 @@ class GlobalBatchSliceSampler(Sampler):
         seeds = torch.randint(0, 2**62, (self.num_samples,), generator=epoch_generator(self.seed, self.epoch, STREAM_AUGMENT)).tolist()
         g = self.global_batch
         for b in range(len(self)):
-            lo, hi = b * g + self.slice.start, b * g + self.slice.stop
-            yield [(perm[k], seeds[k]) for k in range(lo, hi)]
+            pos = rank_slice(g, self.rank, self.world_size, step=b)
+            yield [(perm[k], seeds[k]) for k in range(pos.start, pos.stop, pos.step)]
 
 
 class ShardBatchSampler(Sampler):

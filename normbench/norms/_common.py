@@ -21,6 +21,7 @@ __all__ = [
     "check_channels",
     "check_input",
     "split_chunks",
+    "gpu_view",
 ]
 
 
@@ -117,7 +118,14 @@ def check_input(layer: str, x: Tensor, num_channels: int) -> None:
 
 
 def split_chunks(layer: str, x: Tensor, per_gpu_batch: int | None) -> tuple[int, int]:
-    """(k, n): a batch of N = k x n images, one chunk of n consecutive images per emulated GPU."""
+    """(k, n): a batch of N = k x n images on k emulated GPUs of n images each.
+
+    Emulated GPU ``j`` holds images ``j, j + k, j + 2k, ...`` (image ``i`` is on GPU ``i mod k``): the batch is
+    image-major, so ``x.view(n, k * C, H, W)`` puts each (GPU, channel) pair in a channel of its own without a
+    copy, and one native BatchNorm call computes every GPU's statistics (see :func:`gpu_view`). The data layer
+    hands out global-batch positions the same way (rank ``r`` of ``w`` takes positions ``r, r + w, ...``), so a
+    position's GPU is ``position mod gpus`` whatever the number of processes. Batches are shuffled, so which
+    images share a GPU is as random as with consecutive slices."""
     n_total = x.shape[0]
     if per_gpu_batch is None or per_gpu_batch == n_total:
         return 1, n_total
@@ -128,8 +136,15 @@ def split_chunks(layer: str, x: Tensor, per_gpu_batch: int | None) -> tuple[int,
     return n_total // per_gpu_batch, per_gpu_batch
 
 
+def gpu_view(x: Tensor, k: int, n: int) -> Tensor:
+    """(N, C, H, W) -> (n, k, C, H, W) view: ``[a, j]`` is image ``a * k + j``, on emulated GPU ``j`` (see
+    :func:`split_chunks`). Statistics per GPU reduce over dims (0, 3, 4)."""
+    N, C, H, W = x.shape
+    return x.view(n, k, C, H, W)
+
+
 def check_values_per_channel(layer: str, n: int, x: Tensor, fix: str = "use more images per GPU") -> int:
-    """Number of values per channel per chunk (M = n*H*W); a training batch statistic needs M >= 2."""
+    """Number of values per channel per GPU (M = n*H*W); a training batch statistic needs M >= 2."""
     m = n * x.shape[2] * x.shape[3]
     if m < 2:
         raise NormConfigError(

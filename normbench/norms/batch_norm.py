@@ -1,14 +1,20 @@
 """BatchNorm2d with per-GPU statistics, emulated on one device.
 
 The papers compute BN statistics per GPU and never synchronize them (8 GPUs x b images). A training batch of
-N = k x ``per_gpu_batch`` images is treated as k consecutive chunks, one per emulated GPU; each chunk is
-normalized with its own mean and biased variance over (n, H, W). The whole thing is ONE kernel-level op
-(no Python loop over chunks).
+N = k x ``per_gpu_batch`` images is treated as k emulated GPUs; GPU ``j`` holds images ``j, j + k, j + 2k, ...``
+(``_common.split_chunks``: the same assignment in every per-GPU layer and in the data layer's rank slicing).
+Each GPU's images are normalized with their own mean and biased variance over (n, H, W).
 
-Running statistics (state this in every report): each chunk would apply the usual update
-``running = (1 - momentum) * running + momentum * stat_chunk`` (unbiased variance, as ``nn.BatchNorm2d``);
-the layer stores the **average over the k chunks of those updates**, i.e.
-``running = (1 - momentum) * running + momentum * mean_k(stat_chunk)``. This is what DDP with per-GPU BN
+Because the batch is image-major, ``x.view(n, k * C, H, W)`` gives every (GPU, channel) pair its own channel
+without a copy: per-GPU BN is ONE native ``F.batch_norm`` call over that reshaped batch, with weight, bias and
+running statistics repeated k times (``impl="view"``, the default for contiguous NCHW input; as fast as plain BN).
+A channels_last batch cannot be viewed that way; it takes ``impl="fused"``: one ``var_mean`` over a
+``(n, k, C, H, W)`` view and one fused affine with a custom backward (``_fused.py``). No Python loop over GPUs.
+
+Running statistics (state this in every report): each GPU would apply the usual update
+``running = (1 - momentum) * running + momentum * stat_gpu`` (unbiased variance, as ``nn.BatchNorm2d``);
+the layer stores the **average over the k GPUs of those updates**, i.e.
+``running = (1 - momentum) * running + momentum * mean_k(stat_gpu)``. This is what DDP with per-GPU BN
 would hold if running statistics were averaged across ranks (rather than broadcast from rank 0, trap 3 in
 papers.md). Eval uses the running statistics.
 
@@ -23,16 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormLayer, check_batch_options, check_channels, check_eps, check_input, check_momentum,
-                      check_values_per_channel, init_batch_layer, split_chunks)
+from ._common import (NormLayer, check_batch_options, check_channels, check_input, check_momentum, check_eps,
+                      check_values_per_channel, gpu_view, init_batch_layer, split_chunks)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["PerGPUBatchNorm2d", "SyncBatchNorm2d", "chunked_batch_norm"]
 
-# "transpose": copy into (n, k*C, H, W) and call F.batch_norm once with repeated weight / running stats.
-# "fused": one var_mean over a (k, n, C, H, W) view + one fused affine with a custom backward.
-# "fused" measured faster on CPU (bench_norms.py rows "bn k=8 transpose" vs "bn k=8 fused"); both are tested.
-PER_GPU_IMPL = "fused"
+# "auto": "view" for contiguous NCHW input, "fused" otherwise. Both are tested against k separate BNs;
+# scripts/bench_norms.py times both.
+PER_GPU_IMPL = "auto"
 
 
 def _bn_coeffs(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float):
@@ -41,56 +46,37 @@ def _bn_coeffs(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: flo
     return a, bias.view(1, 1, c, 1, 1) - mean * a
 
 
-def _to_kc(x: Tensor, k: int, n: int) -> Tensor:
-    """(k*n, C, H, W) -> (n, k*C, H, W) copy, keeping channels_last-ness."""
-    N, C, H, W = x.shape
-    x5 = x.view(k, n, C, H, W)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        t = x5.permute(1, 3, 4, 0, 2).contiguous()  # (n, H, W, k, C)
-        return t.view(n, H, W, k * C).permute(0, 3, 1, 2)
-    return x5.transpose(0, 1).reshape(n, k * C, H, W)
-
-
-def _from_kc(y: Tensor, k: int, n: int, channels_last: bool) -> Tensor:
-    n_, kc, H, W = y.shape
-    C = kc // k
-    if channels_last:
-        t = y.permute(0, 2, 3, 1).reshape(n, H, W, k, C).permute(3, 0, 1, 2, 4)  # (k, n, H, W, C)
-        return t.reshape(k * n, H, W, C).permute(0, 3, 1, 2)
-    return y.view(n, k, C, H, W).transpose(0, 1).reshape(k * n, C, H, W)
-
-
 def chunked_batch_norm(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor, bias: Tensor,
                        k: int, n: int, momentum: float, eps: float, impl: str | None = None) -> Tensor:
-    """Training-mode BN with per-chunk statistics (k chunks of n images); updates the running stats in place
-    with the average over chunks of each chunk's update."""
+    """Training-mode BN with per-GPU statistics (k GPUs of n images, GPU j = images j, j+k, ...); updates the
+    running stats in place with the average over GPUs of each GPU's update."""
     impl = impl or PER_GPU_IMPL
+    if impl not in ("auto", "view", "fused"):
+        raise ValueError(f"bn: unknown per-GPU implementation {impl!r}; use 'auto', 'view' or 'fused'")
     if k == 1:
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     N, C, H, W = x.shape
-    if impl == "transpose":
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        rm = running_mean.repeat(k)
-        rv = running_var.repeat(k)
-        y = F.batch_norm(_to_kc(x, k, n), rm, rv, weight.repeat(k), bias.repeat(k), True, momentum, eps)
+    if impl == "view" or (impl == "auto" and x.is_contiguous()):
+        # (n, k*C, H, W) is a view of image-major x: channel j*C + c = channel c of GPU j
+        rm, rv = running_mean.repeat(k), running_var.repeat(k)
+        y = F.batch_norm(x.reshape(n, k * C, H, W), rm, rv, weight.repeat(k), bias.repeat(k), True, momentum, eps)
         with torch.no_grad():
             running_mean.copy_(rm.view(k, C).mean(0))
             running_var.copy_(rv.view(k, C).mean(0))
-        return _from_kc(y, k, n, channels_last)
-    if impl != "fused":
-        raise ValueError(f"bn: unknown per-GPU implementation {impl!r}")
-    x5 = x.view(k, n, C, H, W)
+        return y.view_as(x) if y.is_contiguous() else y.reshape(N, C, H, W)
+    x5 = gpu_view(x, k, n)
     with torch.no_grad():
-        var, mean, scratch = var_mean(x5, (1, 3, 4), return_scratch=True)  # (k,1,C,1,1), biased
+        var, mean, scratch = var_mean(x5, (0, 3, 4), return_scratch=True)  # (1, k, C, 1, 1), biased
         m = n * H * W
         running_mean.lerp_(mean.view(k, C).mean(0).to(running_mean.dtype), momentum)
         running_var.lerp_((var.view(k, C).mean(0) * (m / (m - 1))).to(running_var.dtype), momentum)
-    y = stats_affine(x5, mean, var, lambda mu, v, w, b: _bn_coeffs(mu, v, w, b, eps), weight, bias, out=scratch)
+    y = stats_affine(x5, mean, var, lambda mu, v, w, b: _bn_coeffs(mu, v, w, b, eps), weight, bias,
+                     centered=scratch)
     return y.view(N, C, H, W)
 
 
 class PerGPUBatchNorm2d(NormLayer, nn.Module):
-    """BatchNorm2d whose training statistics are computed per chunk of ``per_gpu_batch`` images.
+    """BatchNorm2d whose training statistics are computed per emulated GPU of ``per_gpu_batch`` images.
 
     Args:
         num_channels: C.

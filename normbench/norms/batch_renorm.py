@@ -1,11 +1,11 @@
 """Batch Renormalization (Ioffe 2017), with per-GPU statistics.
 
-Training (per chunk of ``per_gpu_batch`` images, like :class:`PerGPUBatchNorm2d`):
+Training (per emulated GPU of ``per_gpu_batch`` images, like :class:`PerGPUBatchNorm2d`):
     s_B = sqrt(var_B + eps) (biased var_B),  s = sqrt(running_var + eps)
     r = clip(s_B / s, 1/rmax, rmax),  d = clip((m_B - running_mean) / s, -dmax, dmax)   (both detached)
     x_hat = (x - m_B) / s_B * r + d,   y = x_hat * weight + bias
-r and d use the running statistics BEFORE this step's update; the update itself is BN's (average over chunks
-of each chunk's update, unbiased variance). ``rmax=1, dmax=0`` is exactly BN. Eval uses the running stats.
+r and d use the running statistics BEFORE this step's update; the update itself is BN's (average over GPUs
+of each GPU's update, unbiased variance). ``rmax=1, dmax=0`` is exactly BN. Eval uses the running stats.
 
 Options (fixed clip values OR a schedule; the names are normbench's):
     rmax, dmax            fixed values; default 1.5 / 0.5 (the GN paper's best on ResNet-50). Not allowed
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import (NormConfigError, NormLayer, check_batch_options, check_bool, check_float, check_input,
-                      check_int, check_values_per_channel, init_batch_layer, split_chunks)
+                      check_int, check_values_per_channel, init_batch_layer, split_chunks, gpu_view)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["BatchRenorm2d"]
@@ -109,9 +109,9 @@ class BatchRenorm2d(NormLayer, nn.Module):
         k, n = split_chunks(self.norm_name, x, self.per_gpu_batch)
         m = check_values_per_channel(self.norm_name, n, x)
         N, C, H, W = x.shape
-        x5 = x.view(k, n, C, H, W)
+        x5 = gpu_view(x, k, n)
         with torch.no_grad():
-            var, mean, scratch = var_mean(x5, (1, 3, 4), return_scratch=True)  # (k, 1, C, 1, 1), biased
+            var, mean, scratch = var_mean(x5, (0, 3, 4), return_scratch=True)  # (1, k, C, 1, 1), biased
         with torch.no_grad():
             rmax, dmax = self.current_limits()
             rm = self.running_mean.view(1, 1, C, 1, 1).to(var.dtype)
@@ -129,5 +129,5 @@ class BatchRenorm2d(NormLayer, nn.Module):
                                    self.momentum)
         eps = self.eps
         y = stats_affine(x5, mean, var, lambda mu, v, w, b, r_, d_: _brn_coeffs(mu, v, w, b, r_, d_, eps),
-                         self.weight, self.bias, r, d, out=scratch)
+                         self.weight, self.bias, r, d, centered=scratch)
         return y.view(N, C, H, W)

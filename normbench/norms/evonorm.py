@@ -1,8 +1,8 @@
 """EvoNorm-B0 and EvoNorm-S0 (Liu et al. 2020), following timm's reference implementations.
 
 B0:  y = x / max(sqrt(var_batch + eps), v * x + sqrt(var_instance + eps)) * weight + bias
-     var_batch: biased, over (n, H, W) per channel and per-GPU chunk (``per_gpu_batch``); the running
-     average (unbiased, average over chunks of each chunk's update, PyTorch momentum) replaces it at eval.
+     var_batch: biased, over (n, H, W) per channel and per emulated GPU (``per_gpu_batch``); the running
+     average (unbiased, average over GPUs of each GPU's update, PyTorch momentum) replaces it at eval.
      var_instance: biased, over (H, W) per sample and channel. v init 1.
 S0:  y = x * sigmoid(v * x) / sqrt(var_group + eps) * weight + bias, var_group biased over (C/G, H, W)
      per sample, ``groups``=32 (must divide C). v init 1. Same in train and eval.
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import (NormLayer, add_affine, check_batch_options, check_channels, check_eps, check_input,
-                      check_int, check_values_per_channel, init_batch_layer, split_chunks)
+                      check_int, check_values_per_channel, init_batch_layer, split_chunks, gpu_view)
 from ._fused import var_mean
 from .group_norm import resolve_groups
 
@@ -47,14 +47,14 @@ class EvoNorm2dB0(NormLayer, nn.Module):
         if self.training:
             k, n = split_chunks(self.norm_name, x, self.per_gpu_batch)
             m = check_values_per_channel(self.norm_name, n, x)
-            x5 = x.view(k, n, C, H, W)
-            mean = x5.mean((1, 3, 4), keepdim=True)
-            var_b = (x5 - mean).square().mean((1, 3, 4), keepdim=True)  # (k, 1, C, 1, 1) biased
+            x5 = gpu_view(x, k, n)
+            mean = x5.mean((0, 3, 4), keepdim=True)
+            var_b = (x5 - mean).square().mean((0, 3, 4), keepdim=True)  # (1, k, C, 1, 1) biased
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 self.running_var.lerp_((var_b.view(k, C).mean(0) * (m / (m - 1))).to(self.running_var.dtype),
                                        self.momentum)
-            left = torch.sqrt(var_b + self.eps).expand(k, n, C, 1, 1).reshape(N, C, 1, 1)
+            left = torch.sqrt(var_b + self.eps).expand(n, k, C, 1, 1).reshape(N, C, 1, 1)
         else:
             left = torch.sqrt(self.running_var + self.eps).view(shape)
         var_i = x.var(dim=(2, 3), correction=0, keepdim=True)

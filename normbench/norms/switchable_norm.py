@@ -9,7 +9,7 @@ Six control logits (``mean_weight[3]``, ``var_weight[3]``, order in/ln/bn), all 
 Statistics are computed ONCE per (sample, channel) -- one reduction over (H, W) -- and LN's and BN's are
 derived from IN's (papers.md section 3):
     m_ln = mean_c m_in,   v_ln = mean_c (v_in + m_in^2) - m_ln^2
-    m_bn = mean_n m_in,   v_bn = mean_n (v_in + m_in^2) - m_bn^2     (per chunk of per_gpu_batch images)
+    m_bn = mean_n m_in,   v_bn = mean_n (v_in + m_in^2) - m_bn^2     (per emulated GPU of per_gpu_batch images)
 followed by a single fused normalize ``y = x * A + B`` with a custom backward (see ``_fused.py``).
 
 Variance decision: **biased** IN variance (divide by H*W), like BN/GN/IN in both papers' tables, whereas the
@@ -17,13 +17,14 @@ official SN code uses the unbiased one. Consequences: LN/BN statistics derived f
 biased LN/BN statistics; a 1x1 feature map is well defined (v_in = 0, the result is finite; no NaN ever).
 The derived variances are clamped at 0 against rounding.
 
-BN part (``use_bn=True``): training uses per-chunk batch statistics (chunk = ``per_gpu_batch`` consecutive
-images; None = whole batch). Running statistics follow ``PerGPUBatchNorm2d``: the average over chunks of each
-chunk's usual update, variance stored unbiased (x M/(M-1), M = n*H*W), PyTorch momentum convention.
+BN part (``use_bn=True``): training uses per-GPU batch statistics (``per_gpu_batch`` images per emulated
+GPU, image i on GPU i mod k as in ``PerGPUBatchNorm2d``; None = whole batch). Running statistics follow
+``PerGPUBatchNorm2d``: the average over GPUs of each GPU's usual update, variance stored unbiased
+(x M/(M-1), M = n*H*W), PyTorch momentum convention.
 Eval uses
   * ``inference="moving_average"``: those running statistics;
   * ``inference="batch_average"``: running statistics re-estimated by :func:`reestimate_batch_average`,
-    the plain average over all chunks of a few training batches of each chunk's (mean, unbiased var).
+    the plain average over all emulated GPUs of a few training batches of each GPU's (mean, unbiased var).
 ``use_bn=False`` mixes IN and LN only (the BN logits are kept for a uniform state dict but unused); it is
 required with ``per_gpu_batch=1`` (BN over one image equals IN).
 """
@@ -53,12 +54,12 @@ def _sn_coeffs(m_in: Tensor, v_in: Tensor, mean_logits: Tensor, var_logits: Tens
     sq = v_in + m_in * m_in
     m_ln = m_in.mean(1, keepdim=True)
     v_ln = (sq.mean(1, keepdim=True) - m_ln * m_ln).clamp_min(0.0)
-    if bn_mean is None and k > 0:  # training: per-chunk batch statistics
+    if bn_mean is None and k > 0:  # training: per-GPU batch statistics (image i on GPU i mod k)
         n = N // k
-        m_bn = m_in.view(k, n, C).mean(1, keepdim=True)
-        v_bn = (sq.view(k, n, C).mean(1, keepdim=True) - m_bn * m_bn).clamp_min(0.0)
-        m_bn = m_bn.expand(k, n, C).reshape(N, C, 1, 1)
-        v_bn = v_bn.expand(k, n, C).reshape(N, C, 1, 1)
+        m_bn = m_in.view(n, k, C).mean(0, keepdim=True)
+        v_bn = (sq.view(n, k, C).mean(0, keepdim=True) - m_bn * m_bn).clamp_min(0.0)
+        m_bn = m_bn.expand(n, k, C).reshape(N, C, 1, 1)
+        v_bn = v_bn.expand(n, k, C).reshape(N, C, 1, 1)
     elif bn_mean is not None:
         m_bn = bn_mean.view(1, C, 1, 1).to(m_in.dtype)
         v_bn = bn_var.view(1, C, 1, 1).to(m_in.dtype)
@@ -148,14 +149,14 @@ class SwitchableNorm2d(NormLayer, nn.Module):
                 return _sn_coeffs(mi, vi, lm, lv, w, b, None, None, k, eps)
             extra = ()
         return stats_affine(x, m_in, v_in, coeffs, self.mean_weight, self.var_weight, self.weight, self.bias,
-                            *extra, out=scratch)
+                            *extra, centered=scratch)
 
     @torch.no_grad()
     def _update_running(self, m_in: Tensor, v_in: Tensor, k: int, n: int, m: int) -> None:
         C = self.num_channels
-        mi = m_in.view(k, n, C)
-        m_bn = mi.mean(1)
-        v_bn = ((v_in.view(k, n, C) + mi * mi).mean(1) - m_bn * m_bn).clamp_min(0.0) * (m / (m - 1))
+        mi = m_in.view(n, k, C)
+        m_bn = mi.mean(0)
+        v_bn = ((v_in.view(n, k, C) + mi * mi).mean(0) - m_bn * m_bn).clamp_min(0.0) * (m / (m - 1))
         if self._reestimating:
             if self._acc is None:
                 self._acc = [torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var), 0]
@@ -191,7 +192,7 @@ def reestimate_batch_average(model: nn.Module, batches: Iterable) -> None:
 
     Runs the model in train mode under no_grad on each batch (a tensor, or a tuple/list whose first element
     is the input), then sets each such layer's running mean / variance to the plain average over all
-    per-GPU chunks of all batches of the chunk's (mean, unbiased variance). Every other buffer in the model
+    emulated GPUs of all batches of each GPU's (mean, unbiased variance). Every other buffer in the model
     (other norms' running stats, step counters) and every module's train/eval flag is restored afterwards.
     """
     layers = [m for m in model.modules() if isinstance(m, SwitchableNorm2d)
