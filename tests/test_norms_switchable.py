@@ -229,3 +229,20 @@ def test_importance_dict():
     assert imp["1"]["mean"]["bn"] == 0.0 and imp["1"]["var"]["bn"] == 0.0
     ref = torch.softmax(model[0][0].mean_weight.detach(), 0)
     assert imp["0.0"]["mean"]["ln"] == pytest.approx(float(ref[1]))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_float32_with_a_large_offset_keeps_the_variance(train):
+    """Mean 1000x the std: LN/BN variances derived as mean(v + m^2) - m^2 in float32 would lose it entirely
+    (errors ~0.2 on a unit output); the float64 formula is the reference."""
+    C, n = 6, 2
+    layer = make_sn(C, per_gpu_batch=n).float()
+    x64 = rand(4, C, 7, 5, seed=3) + 1000.0
+    if not train:
+        layer(x64.float())  # running statistics from a float32 batch, then eval
+        layer.eval()
+    y = layer(x64.float())
+    p64 = [p.detach().double() for p in (layer.mean_weight, layer.var_weight, layer.weight, layer.bias)]
+    running = None if train else (layer.running_mean.double(), layer.running_var.double())
+    ref = ref_sn(x64, *p64, n, running=running)
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)

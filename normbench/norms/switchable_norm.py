@@ -11,6 +11,8 @@ derived from IN's (papers.md section 3):
     m_ln = mean_c m_in,   v_ln = mean_c (v_in + m_in^2) - m_ln^2
     m_bn = mean_n m_in,   v_bn = mean_n (v_in + m_in^2) - m_bn^2     (per emulated GPU of per_gpu_batch images)
 followed by a single fused normalize ``y = x * A + B`` with a custom backward (see ``_fused.py``).
+The variances are evaluated in the equal, cancellation-free form ``mean(v_in) + mean((m_in - m)^2)``: with
+``mean_c(v_in + m_in^2) - m_ln^2`` a float32 input whose mean is 1000x its std loses the variance entirely.
 
 Variance decision: **biased** IN variance (divide by H*W), like BN/GN/IN in both papers' tables, whereas the
 official SN code uses the unbiased one. Consequences: LN/BN statistics derived from it are exactly the
@@ -47,17 +49,22 @@ __all__ = ["SwitchableNorm2d", "switchable_importance", "reestimate_batch_averag
 INFERENCE_MODES = ("moving_average", "batch_average")
 
 
+def _pooled(m: Tensor, v: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of the union of equal-sized groups with means m and biased variances v,
+    pooled over ``dim`` (keepdim): mean(v) + mean((m - mean(m))^2) == mean(v + m^2) - mean(m)^2, without the
+    cancellation."""
+    mp = m.mean(dim, keepdim=True)
+    return mp, v.mean(dim, keepdim=True) + (m - mp).square().mean(dim, keepdim=True)
+
+
 def _sn_coeffs(m_in: Tensor, v_in: Tensor, mean_logits: Tensor, var_logits: Tensor, weight: Tensor,
                bias: Tensor, bn_mean: Tensor | None, bn_var: Tensor | None, k: int, eps: float):
     """(A, B) of y = x*A + B from IN statistics (N, C, 1, 1); bn_mean/var given = eval (running) stats."""
     N, C = m_in.shape[:2]
-    sq = v_in + m_in * m_in
-    m_ln = m_in.mean(1, keepdim=True)
-    v_ln = (sq.mean(1, keepdim=True) - m_ln * m_ln).clamp_min(0.0)
+    m_ln, v_ln = _pooled(m_in, v_in, 1)
     if bn_mean is None and k > 0:  # training: per-GPU batch statistics (image i on GPU i mod k)
         n = N // k
-        m_bn = m_in.view(n, k, C).mean(0, keepdim=True)
-        v_bn = (sq.view(n, k, C).mean(0, keepdim=True) - m_bn * m_bn).clamp_min(0.0)
+        m_bn, v_bn = _pooled(m_in.view(n, k, C), v_in.view(n, k, C), 0)
         m_bn = m_bn.expand(n, k, C).reshape(N, C, 1, 1)
         v_bn = v_bn.expand(n, k, C).reshape(N, C, 1, 1)
     elif bn_mean is not None:
@@ -154,9 +161,8 @@ class SwitchableNorm2d(NormLayer, nn.Module):
     @torch.no_grad()
     def _update_running(self, m_in: Tensor, v_in: Tensor, k: int, n: int, m: int) -> None:
         C = self.num_channels
-        mi = m_in.view(n, k, C)
-        m_bn = mi.mean(0)
-        v_bn = ((v_in.view(n, k, C) + mi * mi).mean(0) - m_bn * m_bn).clamp_min(0.0) * (m / (m - 1))
+        m_bn, v_bn = _pooled(m_in.view(n, k, C), v_in.view(n, k, C), 0)
+        m_bn, v_bn = m_bn[0], v_bn[0] * (m / (m - 1))
         if self._reestimating:
             if self._acc is None:
                 self._acc = [torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var), 0]
