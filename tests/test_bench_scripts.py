@@ -84,3 +84,21 @@ def test_bench_train_arguments():
     assert bench.layer_options("ln", {}, 2, cfg) == {}
     imagenet = bench.parse_args(["--device", "cpu", "--model", "resnet50"])
     assert imagenet.num_classes == 1000 and bench.model_config(imagenet).norm_groups == 32
+
+
+def test_bench_norms_prints_one_table_with_targets():
+    """A tiny shape, one round: every layer row, the paired ratios of the baselines to themselves are 1.00."""
+    script = REPO / "scripts" / "bench_norms.py"
+    proc = subprocess.run([sys.executable, str(script), "--shapes", "16x32x4x4", "--device", "cpu", "--repeats", "2",
+                           "--quiet"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("normbench norm layers:") and sum("layer (vs baseline)" in x for x in lines) == 1
+    rows = {line.split("  ")[0]: line for line in lines[3:]}
+    assert any(k.startswith("bn per_gpu_batch=2 (8 GPUs, default impl)") for k in rows)
+    targets = [line for line in lines if "<= " in line]
+    assert len(targets) == 4  # gn vs F.group_norm, per-GPU bn, sn, sn per-GPU
+    for line in lines[3:]:
+        if "(vs " in line:
+            assert float(line.split("x ")[0].split()[-1]) > 0, line
