@@ -57,9 +57,12 @@ class EvoNorm2dB0(NormLayer, nn.Module):
             left = torch.sqrt(var_b + self.eps).expand(n, k, C, 1, 1).reshape(N, C, 1, 1)
         else:
             left = torch.sqrt(self.running_var + self.eps).view(shape)
-        var_i = x.var(dim=(2, 3), correction=0, keepdim=True)
-        right = torch.addcmul(torch.sqrt(var_i + self.eps), x, self.v.view(shape))
-        y = x / torch.maximum(left, right)
+        # two-pass variance (CPU torch.var is a slow Welford pass) and max(l, r) = l + relu(r - l) (torch.maximum's
+        # backward splits ties and reduces broadcast operands through ~10 full-size passes)
+        mean_i = x.mean(dim=(2, 3), keepdim=True)
+        var_i = (x - mean_i).square().mean(dim=(2, 3), keepdim=True)
+        right = torch.addcmul(torch.sqrt(var_i + self.eps) - left, x, self.v.view(shape))  # r - l
+        y = x / (torch.relu_(right) + left)
         return torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
 
 
@@ -91,7 +94,8 @@ class EvoNorm2dS0(NormLayer, nn.Module):
         N, C, H, W = x.shape
         shape = (1, C, 1, 1)
         xg = x.view(N, self.groups, C // self.groups, H, W)
-        var_g = xg.var(dim=(2, 3, 4), correction=0, keepdim=True)
+        mean_g = xg.mean(dim=(2, 3, 4), keepdim=True)
+        var_g = (xg - mean_g).square().mean(dim=(2, 3, 4), keepdim=True)  # two passes: CPU torch.var is slow
         inv = torch.rsqrt(var_g + self.eps).expand(N, self.groups, C // self.groups, 1, 1).reshape(N, C, 1, 1)
         y = x * torch.sigmoid(x * self.v.view(shape)) * inv
         return torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
