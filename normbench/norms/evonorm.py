@@ -94,8 +94,7 @@ class EvoNorm2dS0(NormLayer, nn.Module):
         N, C, H, W = x.shape
         shape = (1, C, 1, 1)
         xg = x.view(N, self.groups, C // self.groups, H, W)
-        mean_g = xg.mean(dim=(2, 3, 4), keepdim=True)
-        var_g = (xg - mean_g).square().mean(dim=(2, 3, 4), keepdim=True)  # two passes: CPU torch.var is slow
+        var_g = xg.var(dim=(2, 3, 4), correction=0, keepdim=True)
         inv = torch.rsqrt(var_g + self.eps).expand(N, self.groups, C // self.groups, 1, 1).reshape(N, C, 1, 1)
         y = x * torch.sigmoid(x * self.v.view(shape)) * inv
         return torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
