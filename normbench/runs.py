@@ -104,17 +104,23 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 # ---- provenance ---------------------------------------------------------------------------------------------
 def git_state(repo: Path | None = None) -> dict:
+    """Commit of the code, and whether tracked files differ from it. ``results/`` is left out: it holds runs'
+    outputs, not their inputs (regenerating a committed reference run rewrites it while the run trains)."""
     repo = repo or Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout
 
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        commit = git("rev-parse", "HEAD").strip()
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                            ":(exclude)results").splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", False
-    return {"commit": commit or None, "dirty": dirty}
+        commit, changed = "", []
+    state = {"commit": commit or None, "dirty": bool(changed)}
+    if changed:
+        state["dirty_paths"] = changed[:20]
+    return state
 
 
 def environment(device: str) -> dict:
