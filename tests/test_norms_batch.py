@@ -287,3 +287,19 @@ def test_evonorm_b0_gradcheck():
     layer = set_affine(build_norm("evonorm_b0", 3, per_gpu_batch=2).double())
     x = rand(4, 3, 3, 2).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+
+
+@pytest.mark.parametrize("shape,dims,channels_last", [((2, 3, 4, 5, 6), (0, 3, 4), False), ((3, 4, 5, 6), (2, 3), False),
+                                                      ((3, 4, 5, 6), (0, 2, 3), False), ((3, 4, 5, 6), (1,), False),
+                                                      ((3, 4, 5, 6), (2, 3), True), ((3, 4, 5, 6), (0, 2, 3), True)])
+def test_var_mean_and_centered_scratch_match_torch(shape, dims, channels_last):
+    """The fused layers' statistics helper (row-wise norms on merged trailing dims) vs torch.var_mean."""
+    from normbench.norms._fused import var_mean
+    x = rand(*shape) * 3 + 7
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    var, mean, centered = var_mean(x, dims, return_scratch=True)
+    ref_var, ref_mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(centered, x - ref_mean, rtol=1e-12, atol=1e-12)

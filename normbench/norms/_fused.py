@@ -48,26 +48,23 @@ def var_mean(x: Tensor, dims, return_scratch: bool = False):
         return (var, mean, None) if return_scratch else (var, mean)
     mean = x.mean(dims, keepdim=True)
     d = x - mean
-    rows, rest = _rows_view(d, dims)
-    sq = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_()
+    rows, row_dim, rest = _rows_view(d, dims)
+    sq = torch.linalg.vector_norm(rows, dim=row_dim, keepdim=True).square_()
     count = d.numel() // mean.numel()
-    var = sq.sum(rest, keepdim=True).view(mean.shape).div_(count) if rest else sq.view(mean.shape).div_(count)
+    var = (sq.sum(rest, keepdim=True) if rest else sq).view(mean.shape).div_(count)
     return (var, mean, d) if return_scratch else (var, mean)
 
 
-def _rows_view(d: Tensor, dims: tuple):
-    """A view of contiguous ``d`` whose last dim merges the trailing reduced dims (so one row-wise reduction
-    covers them), plus the remaining reduced dims of that view. Falls back to the last dim alone."""
-    nd = d.dim()
+def _rows_view(d: Tensor, dims: tuple) -> tuple[Tensor, int, tuple]:
+    """(view, row dim, other reduced dims): when ``d`` is contiguous and its trailing dims are all reduced they
+    are merged into one row dim, so a single row-wise reduction covers them; otherwise the innermost reduced
+    dim is the row dim."""
     trailing = 0
-    while trailing < len(dims) and dims[len(dims) - 1 - trailing] == nd - 1 - trailing:
+    while trailing < len(dims) and dims[-1 - trailing] == d.dim() - 1 - trailing:
         trailing += 1
-    if trailing == 0:  # last dim not reduced: reduce everything at once (rare; no layer does this)
-        return d.unsqueeze(-1), tuple(dims)
-    if d.is_contiguous():
-        rows = d.view(*d.shape[:nd - trailing], -1)
-        return rows, tuple(dims[:len(dims) - trailing])
-    return d, tuple(dims[:-1])
+    if trailing >= 2 and d.is_contiguous():
+        return d.flatten(d.dim() - trailing), -1, dims[:-trailing]
+    return d, dims[-1], dims[:-1]
 
 
 def sum_to(t: Tensor, shape) -> Tensor:

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from ._common import (NormLayer, add_affine, check_batch_options, check_channels, check_eps, check_input,
                       check_int, check_values_per_channel, init_batch_layer, split_chunks, gpu_view)
-from ._fused import var_mean
 from .group_norm import resolve_groups
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dS0"]
