@@ -17,7 +17,7 @@ The variances are evaluated in the equal, cancellation-free form ``mean(v_in) + 
 Variance decision: **biased** IN variance (divide by H*W), like BN/GN/IN in both papers' tables, whereas the
 official SN code uses the unbiased one. Consequences: LN/BN statistics derived from it are exactly the
 biased LN/BN statistics; a 1x1 feature map is well defined (v_in = 0, the result is finite; no NaN ever).
-The derived variances are clamped at 0 against rounding.
+The pooled form of the derived variances is non-negative by construction (no clamp needed).
 
 BN part (``use_bn=True``): training uses per-GPU batch statistics (``per_gpu_batch`` images per emulated
 GPU, image i on GPU i mod k as in ``PerGPUBatchNorm2d``; None = whole batch). Running statistics follow
