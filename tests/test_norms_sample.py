@@ -207,3 +207,33 @@ def test_wsconv_vs_formula_and_gradcheck():
     assert torch.autograd.gradcheck(lambda wt: F.conv2d(xs.detach(), __import__(
         "normbench.norms", fromlist=["standardize_weight"]).standardize_weight(wt)), (small.weight.detach().clone()
                                                                                    .requires_grad_(),))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pono_gradients_through_output_and_moments_vs_formula(affine, channels_last):
+    """PONO's custom backward: x, gamma and beta gradients, with upstream gradients on y AND on the moments
+    (the Moment Shortcut back-propagates through them), against autograd of the float64 formula."""
+    shape = (3, 5, 4, 6)
+    layer = build_norm("pono", shape[1], affine=affine, return_moments=True).double()
+    if affine:
+        set_affine(layer)
+    x = rand(*shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y, mean, std = layer(x)
+    xhat, m_ref, s_ref = ref_pono(xr)
+    params = {}
+    y_ref = xhat
+    if affine:
+        params = {k: getattr(layer, k).detach().clone().requires_grad_() for k in ("weight", "bias")}
+        y_ref = xhat * params["weight"].view(1, -1, 1, 1) + params["bias"].view(1, -1, 1, 1)
+    torch.testing.assert_close(y, y_ref)
+    gy, gm, gs = rand(*shape, seed=21), rand(3, 1, 4, 6, seed=22), rand(3, 1, 4, 6, seed=23)
+    ((y * gy).sum() + (mean * gm).sum() + (std * gs).sum()).backward()
+    ((y_ref * gy).sum() + (m_ref * gm).sum() + (s_ref * gs).sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    for k, p in params.items():
+        torch.testing.assert_close(getattr(layer, k).grad, p.grad, msg=k)
