@@ -3,7 +3,7 @@
 
 Prints ONE table: per row and shape, the median over rounds of (fwd+bwd time of the layer / fwd+bwd time of its
 baseline in the same round), and the layer's median time (the baselines' absolute medians in the header rows).
-Every round times every row once, in a rotating order, so a ratio compares two timings taken moments apart:
+Every round times every row once, in a fresh shuffled order, so a ratio compares two timings taken moments apart:
 the noise of a shared machine (other tenants, page faults of fresh 100 MB tensors) hits both alike.
 
 Rows with a target: ``gn`` vs calling ``F.group_norm`` directly (<= 1.1), ``bn`` with 8 emulated GPUs vs plain
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import random
 import statistics
 import sys
 import time
@@ -143,8 +144,9 @@ def measure(shape, device, repeats, channels_last, log):
         step(fns[label])
     times = {label: [] for label in labels}
     for r in range(repeats):
-        k = r % len(labels)
-        for label in labels[k:] + labels[:k]:  # rotate the order each round
+        # a fresh (seeded) order each round: a row's timing depends on what ran just before it (the heap it left
+        # behind decides which fresh tensors page-fault), so no row may always follow the same one
+        for label in random.Random(r).sample(labels, len(labels)):
             times[label].append(step(fns[label]))
         log(f"  {device.type} {'x'.join(map(str, shape))}: round {r + 1}/{repeats}")
     return rows, times
