@@ -4,7 +4,7 @@ Per-GPU batch semantics: a training step consumes one *global* batch of ``global
 (= gpus x per_gpu_batch); under torchrun each of the ``world_size`` processes gets every
 ``world_size``-th position of it (``global_batch // world_size`` images), which keeps each position on the same
 emulated GPU whatever the world size. The global order and the augmentation only depend on
-``(seed, epoch)``, so the concatenation of all ranks' batches is the same whatever the world size.
+``(seed, epoch)``, so interleaving all ranks' batches gives the same global batch whatever the world size.
 See :mod:`normbench.data.common` for the exact rule.
 """
 
