@@ -140,7 +140,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, ctx) -> dic
                 bar.set_postfix({"loss": f"{loss_sum.item() / (step + 1):.3f}",
                                  "img/s": f"{(step + 1) * images_per_step / (time.perf_counter() - start):.0f}"})
     seconds = time.perf_counter() - start
-    loss_mean = distributed.all_reduce_sum(loss_sum.detach().clone(), d).item() / (len(loader) * d.world_size)
+    loss_mean = distributed.all_reduce_sum(loss_sum.clone(), d).item() / (len(loader) * d.world_size)
     return {"train_loss": loss_mean, "images_per_s": len(loader) * images_per_step / seconds, "epoch_time_s": seconds}
 
 

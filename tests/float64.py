@@ -28,3 +28,15 @@ def gpu_chunks(x, n):
 def from_gpu_chunks(chunks):
     """Inverse of gpu_chunks (differentiable): per-GPU tensors back in batch order."""
     return torch.stack(chunks, 1).flatten(0, 1)
+
+
+def leaf_copies(layer, names):
+    """Detached leaf copies of the layer's parameters, for the reference formula's own autograd."""
+    return {k: getattr(layer, k).detach().clone().requires_grad_() for k in names}
+
+
+def assert_grads_match(layer, x, x_ref, params):
+    """After backward through the layer and through the reference: input and parameter gradients agree."""
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for k, p in params.items():
+        torch.testing.assert_close(getattr(layer, k).grad, p.grad, msg=k)

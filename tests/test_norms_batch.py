@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from float64 import D, from_gpu_chunks, gpu_chunks, rand, set_affine
+from float64 import assert_grads_match, from_gpu_chunks, gpu_chunks, leaf_copies, rand, set_affine
 
 from normbench.norms import NormConfigError, build_norm
 from normbench.norms import batch_norm as bn_mod
@@ -171,17 +171,15 @@ def test_brn_vs_formula_values_and_grads(shape, n, rmax, dmax):
     rm, rv = layer.running_mean.clone(), layer.running_var.clone()
     x = rand(*shape).requires_grad_()
     xr = x.detach().clone().requires_grad_()
-    w = layer.weight.detach().clone().requires_grad_()
-    b = layer.bias.detach().clone().requires_grad_()
+    params = leaf_copies(layer, ("weight", "bias"))
+    w, b = params["weight"], params["bias"]
     gy = rand(*shape, seed=8)
     y = layer(x)
     ref = ref_brn_train(xr, w, b, rm, rv, n or shape[0], rmax, dmax)
     torch.testing.assert_close(y, ref)
     y.backward(gy)
     ref.backward(gy)
-    torch.testing.assert_close(x.grad, xr.grad)
-    torch.testing.assert_close(layer.weight.grad, w.grad)
-    torch.testing.assert_close(layer.bias.grad, b.grad)
+    assert_grads_match(layer, x, xr, params)
     _, means, uvars = ref_bn_train(x.detach(), w.detach(), b.detach(), n or shape[0])
     torch.testing.assert_close(layer.running_mean, (0.8 * rm + 0.2 * means).mean(0))
     torch.testing.assert_close(layer.running_var, (0.8 * rv + 0.2 * uvars).mean(0))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from float64 import D, rand, set_affine
+from float64 import assert_grads_match, leaf_copies, rand, set_affine
 
 from normbench.norms import (DynamicMomentShortcut, MomentShortcut, NormConfigError, WSConv2d,
                              build_norm)
@@ -123,7 +123,7 @@ def test_frn_vs_formula(shape, learnable):
     x = rand(*shape).requires_grad_()
     xr = x.detach().clone().requires_grad_()
     names = ["weight", "bias", "tau"] + (["eps_l"] if learnable else [])
-    ps = {k: getattr(layer, k).detach().clone().requires_grad_() for k in names}
+    ps = leaf_copies(layer, names)
     nu2 = (xr * xr).sum((2, 3), keepdim=True) / (shape[2] * shape[3])
     eps = 1e-6 + (ps["eps_l"].abs() if learnable else 0.0)
     ref = torch.maximum(ps["weight"].view(1, -1, 1, 1) * xr / torch.sqrt(nu2 + eps) + ps["bias"].view(1, -1, 1, 1),
@@ -134,9 +134,7 @@ def test_frn_vs_formula(shape, learnable):
     gy = rand(*shape, seed=12)
     y.backward(gy)
     ref.backward(gy)
-    torch.testing.assert_close(x.grad, xr.grad)
-    for k in names:
-        torch.testing.assert_close(getattr(layer, k).grad, ps[k].grad, msg=k)
+    assert_grads_match(layer, x, xr, ps)
 
 
 # ---------------------------------------------------------------- PONO and Moment Shortcut
@@ -228,12 +226,10 @@ def test_pono_gradients_through_output_and_moments_vs_formula(affine, channels_l
     params = {}
     y_ref = xhat
     if affine:
-        params = {k: getattr(layer, k).detach().clone().requires_grad_() for k in ("weight", "bias")}
+        params = leaf_copies(layer, ("weight", "bias"))
         y_ref = xhat * params["weight"].view(1, -1, 1, 1) + params["bias"].view(1, -1, 1, 1)
     torch.testing.assert_close(y, y_ref)
     gy, gm, gs = rand(*shape, seed=21), rand(3, 1, 4, 6, seed=22), rand(3, 1, 4, 6, seed=23)
     ((y * gy).sum() + (mean * gm).sum() + (std * gs).sum()).backward()
     ((y_ref * gy).sum() + (m_ref * gm).sum() + (s_ref * gs).sum()).backward()
-    torch.testing.assert_close(x.grad, xr.grad)
-    for k, p in params.items():
-        torch.testing.assert_close(getattr(layer, k).grad, p.grad, msg=k)
+    assert_grads_match(layer, x, xr, params)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from float64 import D, from_gpu_chunks, gpu_chunks, rand
+from float64 import D, assert_grads_match, from_gpu_chunks, gpu_chunks, leaf_copies, rand
 
 from normbench.norms import (NormConfigError, build_norm, norm_layer, reestimate_batch_average,
                              switchable_importance)
@@ -73,18 +73,15 @@ def test_sn_train_values_and_grads_vs_formula(shape, n, use_bn):
     layer = make_sn(C, per_gpu_batch=n, use_bn=use_bn, momentum=0.3)
     x = rand(*shape).requires_grad_()
     xr = x.detach().clone().requires_grad_()
-    params = [p.detach().clone().requires_grad_() for p in (layer.mean_weight, layer.var_weight, layer.weight,
-                                                           layer.bias)]
+    params = leaf_copies(layer, ("mean_weight", "var_weight", "weight", "bias"))
     y = layer(x)
-    ref = ref_sn(xr, *params, n or shape[0], use_bn=use_bn)
+    ref = ref_sn(xr, *params.values(), n or shape[0], use_bn=use_bn)
     torch.testing.assert_close(y, ref)
     assert torch.isfinite(y).all()
     gy = rand(*shape, seed=11)
     y.backward(gy)
     ref.backward(gy)
-    torch.testing.assert_close(x.grad, xr.grad)
-    for p, r in zip((layer.mean_weight, layer.var_weight, layer.weight, layer.bias), params):
-        torch.testing.assert_close(p.grad, r.grad)
+    assert_grads_match(layer, x, xr, params)
 
 
 def test_sn_running_stats_and_eval():

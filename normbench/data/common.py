@@ -7,7 +7,7 @@ Determinism rule (the same for every dataset and every world size):
 * global batch ``b`` is ``perm[b*G:(b+1)*G]`` (``G`` = global batch, last partial batch dropped);
 * rank ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...`` of that global batch, in that order. With
   per-GPU statistics a position ``p`` is then on emulated GPU ``p mod gpus`` whatever the number of processes
-  (each process emulates ``gpus / w`` GPUs with the same rule: ``normbench.norms._common.split_chunks``);
+  (each process emulates ``gpus / w`` GPUs with the same rule: ``normbench.norms._common.split_gpus``);
 * random augmentation parameters are drawn once per epoch, one per *position* of the
   epoch's order, from ``epoch_generator(seed, e, STREAM_AUGMENT)`` -- never from the
   global torch RNG -- so the image at a given position gets the same augmentation

@@ -20,7 +20,7 @@ __all__ = [
     "check_choice",
     "check_channels",
     "check_input",
-    "split_chunks",
+    "split_gpus",
     "gpu_view",
 ]
 
@@ -117,8 +117,10 @@ def check_input(layer: str, x: Tensor, num_channels: int) -> None:
             f"{layer}: input has {x.shape[1]} channels but the layer was built for num_channels={num_channels}")
 
 
-def split_chunks(layer: str, x: Tensor, per_gpu_batch: int | None) -> tuple[int, int]:
-    """(k, n): a batch of N = k x n images on k emulated GPUs of n images each.
+def split_gpus(layer: str, x: Tensor, per_gpu_batch: int | None,
+               fix: str = "use more images per GPU") -> tuple[int, int, int]:
+    """(k, n, m): a training batch of N = k x n images on k emulated GPUs of n images each, and the
+    m = n*H*W values per channel each GPU's statistics see (an error when m < 2; ``fix`` ends it).
 
     Emulated GPU ``j`` holds images ``j, j + k, j + 2k, ...`` (image ``i`` is on GPU ``i mod k``): the batch is
     image-major, so ``x.view(n, k * C, H, W)`` puts each (GPU, channel) pair in a channel of its own without a
@@ -127,30 +129,24 @@ def split_chunks(layer: str, x: Tensor, per_gpu_batch: int | None) -> tuple[int,
     position's GPU is ``position mod gpus`` whatever the number of processes. Batches are shuffled, so which
     images share a GPU is as random as with consecutive slices."""
     n_total = x.shape[0]
-    if per_gpu_batch is None or per_gpu_batch == n_total:
-        return 1, n_total
-    if n_total % per_gpu_batch != 0:
+    n = n_total if per_gpu_batch is None else per_gpu_batch
+    if n_total % n != 0:
         raise NormConfigError(
             f"{layer}: batch of N={n_total} is not a multiple of per_gpu_batch={per_gpu_batch}; "
             f"use a batch of k x {per_gpu_batch} images (e.g. drop_last=True) or change per_gpu_batch")
-    return n_total // per_gpu_batch, per_gpu_batch
-
-
-def gpu_view(x: Tensor, k: int, n: int) -> Tensor:
-    """(N, C, H, W) -> (n, k, C, H, W) view: ``[a, j]`` is image ``a * k + j``, on emulated GPU ``j`` (see
-    :func:`split_chunks`). Statistics per GPU reduce over dims (0, 3, 4)."""
-    N, C, H, W = x.shape
-    return x.view(n, k, C, H, W)
-
-
-def check_values_per_channel(layer: str, n: int, x: Tensor, fix: str = "use more images per GPU") -> int:
-    """Number of values per channel per GPU (M = n*H*W); a training batch statistic needs M >= 2."""
     m = n * x.shape[2] * x.shape[3]
     if m < 2:
         raise NormConfigError(
             f"{layer}: a per-GPU chunk of n={n} image(s) with a {x.shape[2]}x{x.shape[3]} map gives {m} value "
             f"per channel, so the batch variance is undefined; {fix}")
-    return m
+    return n_total // n, n, m
+
+
+def gpu_view(x: Tensor, k: int, n: int) -> Tensor:
+    """(N, C, H, W) -> (n, k, C, H, W) view: ``[a, j]`` is image ``a * k + j``, on emulated GPU ``j`` (see
+    :func:`split_gpus`). Statistics per GPU reduce over dims (0, 3, 4)."""
+    N, C, H, W = x.shape
+    return x.view(n, k, C, H, W)
 
 
 def stats_dtype(x: Tensor) -> torch.dtype:

@@ -2,7 +2,7 @@
 
 The papers compute BN statistics per GPU and never synchronize them (8 GPUs x b images). A training batch of
 N = k x ``per_gpu_batch`` images is treated as k emulated GPUs; GPU ``j`` holds images ``j, j + k, j + 2k, ...``
-(``_common.split_chunks``: the same assignment in every per-GPU layer and in the data layer's rank slicing).
+(``_common.split_gpus``: the same assignment in every per-GPU layer and in the data layer's rank slicing).
 Each GPU's images are normalized with their own mean and biased variance over (n, H, W).
 
 Because the batch is image-major, ``x.view(n, k * C, H, W)`` gives every (GPU, channel) pair its own channel
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import (NormLayer, check_batch_options, check_channels, check_input, check_momentum, check_eps,
-                      check_values_per_channel, gpu_view, init_batch_layer, split_chunks)
+                      gpu_view, init_batch_layer, split_gpus)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["PerGPUBatchNorm2d", "SyncBatchNorm2d", "chunked_batch_norm"]
@@ -111,8 +111,7 @@ class PerGPUBatchNorm2d(NormLayer, nn.Module):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
-        k, n = split_chunks(self.norm_name, x, self.per_gpu_batch)
-        check_values_per_channel(self.norm_name, n, x)
+        k, n, _ = split_gpus(self.norm_name, x, self.per_gpu_batch)
         self.num_batches_tracked.add_(1)
         return chunked_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                   k, n, self.momentum, self.eps)

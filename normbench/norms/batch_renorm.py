@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import (NormConfigError, NormLayer, check_batch_options, check_bool, check_float, check_input,
-                      check_int, check_values_per_channel, init_batch_layer, split_chunks, gpu_view)
+                      check_int, init_batch_layer, split_gpus, gpu_view)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["BatchRenorm2d"]
@@ -106,8 +106,7 @@ class BatchRenorm2d(NormLayer, nn.Module):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
-        k, n = split_chunks(self.norm_name, x, self.per_gpu_batch)
-        m = check_values_per_channel(self.norm_name, n, x)
+        k, n, m = split_gpus(self.norm_name, x, self.per_gpu_batch)
         N, C, H, W = x.shape
         x5 = gpu_view(x, k, n)
         with torch.no_grad():

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import (NormLayer, add_affine, check_batch_options, check_channels, check_eps, check_input,
-                      check_int, check_values_per_channel, init_batch_layer, split_chunks, gpu_view)
+                      check_int, init_batch_layer, split_gpus, gpu_view)
 from .group_norm import resolve_groups
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dS0"]
@@ -44,8 +44,7 @@ class EvoNorm2dB0(NormLayer, nn.Module):
         N, C, H, W = x.shape
         shape = (1, C, 1, 1)
         if self.training:
-            k, n = split_chunks(self.norm_name, x, self.per_gpu_batch)
-            m = check_values_per_channel(self.norm_name, n, x)
+            k, n, m = split_gpus(self.norm_name, x, self.per_gpu_batch)
             x5 = gpu_view(x, k, n)
             mean = x5.mean((0, 3, 4), keepdim=True)
             var_b = (x5 - mean).square().mean((0, 3, 4), keepdim=True)  # (1, k, C, 1, 1) biased

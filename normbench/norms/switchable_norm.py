@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import (NormConfigError, NormLayer, check_batch_options, check_bool, check_choice, check_input,
-                      check_values_per_channel, init_batch_layer, split_chunks)
+                      init_batch_layer, split_gpus)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["SwitchableNorm2d", "switchable_importance", "reestimate_batch_average"]
@@ -136,8 +136,8 @@ class SwitchableNorm2d(NormLayer, nn.Module):
         k = 0
         if self.use_bn:
             if self.training:
-                k, n = split_chunks(self.norm_name, x, self.per_gpu_batch)
-                m = check_values_per_channel(self.norm_name, n, x, fix="set use_bn=false or use more images per GPU")
+                k, n, m = split_gpus(self.norm_name, x, self.per_gpu_batch,
+                                     fix="set use_bn=false or use more images per GPU")
                 self._update_running(m_in, v_in, k, n, m)
             else:
                 if self.inference == "batch_average" and self._stale_batch_average:
