@@ -70,8 +70,12 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda handle: handle.write(data))
+
+
 def write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda handle: handle.write(text.encode()))
+    write_bytes(path, text.encode())
 
 
 def write_json(path: Path, obj: Any) -> None:
