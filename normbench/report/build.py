@@ -107,9 +107,11 @@ def paper_text(layout: Layout, key) -> str:
     return s + (f" ({note})" if note else "")
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def _md_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """Markdown table; the first ``left`` columns left-aligned (labels, text), the rest right-aligned (numbers)."""
     esc = [[c.replace("|", "\\|") for c in r] for r in [header] + rows]
-    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    align = ["---"] * left + ["---:"] * (len(header) - left)
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
     return "\n".join(lines)
 
@@ -439,7 +441,7 @@ def _claims_section(layout: Layout, judged: list[Judged]) -> list[str]:
         "is beyond +-2 SE, inconclusive within it, inconclusive (n=1) with a single seed. \"By construction\": "
         "the protocol makes the runs identical, so the claim is no evidence. The paper's numbers go through "
         "the same test with SE = 0.", "",
-        _md_table(["claim", "verdict", "reproduced (error %)", "paper"], rows), "",
+        _md_table(["claim", "verdict", "reproduced (error %)", "paper"], rows, left=4), "",
     ]
 
 
