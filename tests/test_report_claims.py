@@ -275,3 +275,17 @@ def test_report_is_byte_reproducible(tmp_path, experiment):
     for pa, pb in zip(a.paths, b.paths):
         assert pa.read_bytes() == pb.read_bytes(), pa.name
     assert b"Software" not in a.png_path.read_bytes()  # no matplotlib version stamped into the PNG
+
+
+@pytest.mark.parametrize("claim, words", [
+    ({"kind": "grows", "text": "x"}, "needs kind (one of rises"),
+    ({"kind": "rises", "row": "bn", "from": "32", "text": "x"}, "missing to"),
+    ({"kind": "less", "a": ["bn", "64"], "b": ["gn", "2"], "text": "x"}, "cell ['bn', '64'] is not in the gn_table2"),
+])
+def test_a_claim_the_report_cannot_evaluate_is_refused_in_one_line(claim, words):
+    from normbench.report.claims import validate
+    from normbench.report.layouts import LAYOUTS
+
+    with pytest.raises(ValueError) as e:
+        validate(LAYOUTS["gn_table2"], [claim])
+    assert "\n" not in str(e.value) and words in str(e.value) and "gn_table2 claim 1" in str(e.value)
