@@ -65,6 +65,9 @@ class Layout:
     # The sweep axis the columns are drawn from, as named in the runs' config.sweep.allowed (presets restrict
     # it, e.g. G <= 16 for 16-channel models): excluded columns are "not run (preset)", not missing.
     sweep_axis: Optional[str] = None
+    # (large, small) per-GPU-batch columns between which BN's rise is measured under each evaluation mode
+    # (result.json["top1_error_by_eval"]); None: the table has no BN-evaluation section.
+    bn_eval: Optional[tuple[str, str]] = None
 
     @property
     def row_keys(self) -> tuple[str, ...]:
@@ -235,6 +238,7 @@ GN_TABLE2 = Layout(
     x_values={c: float(c) for c in _T2_COLS},
     x_label="images per GPU (log2 scale, decreasing to the right as in the paper's Figure 1)",
     sweep_axis="per_gpu_batch",
+    bn_eval=("32", "2"),
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -359,6 +363,7 @@ SN_TABLE = Layout(
     x_label="(GPUs, images per GPU), the SN paper's order",
     importance=True,
     checks=_sn_check,
+    bn_eval=("(8,32)", "(8,2)"),
 )
 
 LAYOUTS: dict[str, Layout] = {
