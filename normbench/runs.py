@@ -18,7 +18,7 @@ from typing import Any
 
 # Top-level keys, and dotted sub-keys, that never change what a run computes.
 NON_IDENTIFYING = (
-    "results_dir", "logger", "device", "fast", "sweep", "experiment",
+    "results_dir", "logger", "device", "fast", "sweep", "experiment", "bn_eval",
     "data.root", "data.download", "data.workers", "data.eval_batch",
 )
 

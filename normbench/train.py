@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normbench import distributed, runs
+from normbench import bn_eval, distributed, runs
 from normbench.data import DataError, build_data
 from normbench.models import build_model
 from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
@@ -63,6 +63,12 @@ def validate(config: dict) -> None:
         raise ConfigError(f"schedule.warmup_epochs={schedule['warmup_epochs']} must be in [0, epochs={config['epochs']})")
     if config["logger"]["wandb"]["mode"] not in ("offline", "online", "disabled"):
         raise ConfigError("logger.wandb.mode must be offline, online or disabled")
+    bn_eval_cfg = config["bn_eval"]
+    if not isinstance(bn_eval_cfg["enabled"], bool):
+        raise ConfigError(f"bn_eval.enabled={bn_eval_cfg['enabled']!r} must be true or false")
+    images = bn_eval_cfg["precise_bn_images"]
+    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+        raise ConfigError(f"bn_eval.precise_bn_images={images!r} must be a positive integer, e.g. 8192")
     fast = config["fast"]
     if fast["amp"] not in ("auto", "none", "bf16", "fp16"):
         raise ConfigError(f"fast.amp={fast['amp']!r} is unknown; use auto, none, bf16 or fp16")
@@ -259,7 +265,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
            "autocast": (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext}
 
     name = directory.name
-    status, diverged_epoch, error = "completed", None, None
+    status, diverged_epoch, error, by_eval = "completed", None, None, None
     with Tracker(cfg, directory, name, runs.run_id(config), config, enabled=d.is_main) as tracker:
         try:
             for epoch in range(start_epoch, cfg.epochs):
@@ -281,6 +287,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                         "wall_time_s": wall_before + time.perf_counter() - started})
+            by_eval = _final_evaluations(cfg, model, data, ctx, history)  # bn_eval (issue 12): after the last epoch
         except Diverged as stop:
             status, diverged_epoch, outcome = "diverged", stop.args[0], "diverged"
             log.warning("run diverged: non-finite training loss in epoch %d; recorded as a result", diverged_epoch)
@@ -290,12 +297,35 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
         finally:
             result = _result(config, status, history, diverged_epoch, error,
                              wall_before + time.perf_counter() - started, model)
+            if by_eval is not None:
+                result["top1_error_by_eval"] = by_eval
             if d.is_main:
                 runs.write_json(directory / "result.json", result)
                 tracker.summary({k: v for k, v in result.items() if k.startswith("top")})
     log.info("%s: %s  top-1 err final %s  median(last 5) %s", directory, status,
              result["top1_error_final"], result["top1_error_median_last5"])
     return {**result, "outcome": outcome}
+
+
+def _final_evaluations(cfg, model, data, ctx, history) -> dict | None:
+    """``top1_error_by_eval`` of the final model (normbench.bn_eval): ema / precise_bn / batch_stats; None
+    when ``bn_eval.enabled`` is false."""
+    if not cfg.bn_eval.enabled or not history:
+        return None
+
+    def forward(m, images):  # a re-estimation batch, run as training runs it
+        if ctx["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with ctx["autocast"]():
+            return m(images)
+
+    started = time.perf_counter()
+    by_eval = bn_eval.evaluations(model, data.train, data.eval, lambda m, loader: evaluate(m, loader, ctx),
+                                  per_gpu_batch=cfg.per_gpu_batch, precise_bn_images=cfg.bn_eval.precise_bn_images,
+                                  forward=forward, dist=ctx["dist"], ema=history[-1]["top1_error"])
+    log.info("top-1 err of the final model by evaluation: %s (%.1fs)",
+             "  ".join(f"{k} {v:.2f}%" for k, v in by_eval.items()), time.perf_counter() - started)
+    return by_eval
 
 
 def _result(config, status, history, diverged_epoch, error, wall_time_s, model) -> dict:
