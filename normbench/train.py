@@ -92,7 +92,8 @@ def norm_options(config: dict) -> dict:
 
 
 def norm_label(config: dict) -> str:
-    return config["norm"]["name"] + ("+ws" if config["model"]["weight_standardization"] else "")
+    return (config["norm"]["name"] + ("+pono_ms" if config["model"].get("pono_ms") else "")
+            + ("+ws" if config["model"]["weight_standardization"] else ""))
 
 
 def resolve_device(name: str) -> torch.device:
