@@ -24,6 +24,10 @@ Batch-dependent layers: ``bn``, ``brn``, ``evonorm_b0``, and ``sn`` with its BN 
 only ``ema``. ``syncbn`` is not covered (its statistics span the real processes; not the papers' setting).
 :func:`evaluations` leaves every buffer (the EMA statistics), every train/eval flag and every layer option as it
 found them.
+
+Cost: one train-mode forward over ``precise_bn_images`` training images and two passes over the test set. Measured
+(preset=fashion_mnist, bn, 8 GPUs x 2 images, OMP_NUM_THREADS=1 on a shared 2-core CPU): 65.7 s, about 0.9 of one
+training epoch of that run (62.6-74.0 s), so ~9% of the preset's 10 epochs; ``bn_eval.enabled=false`` turns it off.
 """
 from __future__ import annotations
 
