@@ -43,7 +43,7 @@ FINAL_STATUSES = ("completed", "diverged")  # a result that needs no more traini
 # Top-level keys, and dotted sub-keys, that never change what a run computes.
 # `experiment` is not identifying on disk (the directory already sits under it) but is part of the wandb id.
 NON_IDENTIFYING = (
-    "results_dir", "logger", "device", "sweep", "experiment", "force", "preset_name", "claims",
+    "results_dir", "logger", "device", "sweep", "experiment", "force", "preset_name", "claims", "bn_eval",
     "fast.channels_last", "fast.compile", "fast.cudnn_benchmark",
     "data.root", "data.download", "data.workers", "data.eval_batch",
 )

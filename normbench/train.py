@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normbench import distributed, runs
+from normbench import bn_eval, distributed, runs
 from normbench.data import DataError, build_data
 from normbench.models import build_model
 from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
@@ -63,6 +63,12 @@ def validate(config: dict) -> None:
         raise ConfigError(f"schedule.warmup_epochs={schedule['warmup_epochs']} must be in [0, epochs={config['epochs']})")
     if config["logger"]["wandb"]["mode"] not in ("offline", "online", "disabled"):
         raise ConfigError("logger.wandb.mode must be offline, online or disabled")
+    bn_eval_cfg = config["bn_eval"]
+    if not isinstance(bn_eval_cfg["enabled"], bool):
+        raise ConfigError(f"bn_eval.enabled={bn_eval_cfg['enabled']!r} must be true or false")
+    images = bn_eval_cfg["precise_bn_images"]
+    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+        raise ConfigError(f"bn_eval.precise_bn_images={images!r} must be a positive integer, e.g. 8192")
     fast = config["fast"]
     if fast["amp"] not in ("auto", "none", "bf16", "fp16"):
         raise ConfigError(f"fast.amp={fast['amp']!r} is unknown; use auto, none, bf16 or fp16")
@@ -86,7 +92,8 @@ def norm_options(config: dict) -> dict:
 
 
 def norm_label(config: dict) -> str:
-    return config["norm"]["name"] + ("+ws" if config["model"]["weight_standardization"] else "")
+    return (config["norm"]["name"] + ("+pono_ms" if config["model"].get("pono_ms") else "")
+            + ("+ws" if config["model"]["weight_standardization"] else ""))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -295,7 +302,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                 sync_buffers_every_step=uses_batch_stats_in_training(model) and d.enabled,
                 show_progress=d.is_main and cfg.logger.progress, amp_dtype=amp_dtype, scaler=scaler)
 
-    run = _Outcome(outcome)
+    run, by_eval = _Outcome(outcome), None
     with runs.interrupts_raise(), Tracker(cfg, directory, directory.name, runs.wandb_id(config), config,
                                           enabled=d.is_main) as tracker:
         try:
@@ -320,6 +327,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                         "history": history, "resumes": resumes,
                         "wall_time_s": wall_before + time.perf_counter() - started})
                     runs.write_metrics(directory / "metrics.jsonl", history)
+            by_eval = _final_evaluations(cfg, model, data, loop, history)  # bn_eval (issue 12): after the last epoch
         except Diverged as stop:
             run.end("diverged", diverged_epoch=stop.args[0])
             log.warning("run diverged: non-finite training loss in epoch %d; recorded as a result", stop.args[0])
@@ -338,6 +346,8 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
             if run.status == "completed" and len(history) != cfg.epochs:  # never claim what did not run
                 run.end("failed", error=f"ended after {len(history)} of {cfg.epochs} epochs")
             result = _result(config, run, history, resumes, wall_before + time.perf_counter() - started, model)
+            if by_eval is not None:
+                result["top1_error_by_eval"] = by_eval
             if d.is_main:
                 try:
                     runs.write_json(directory / "result.json", result)
@@ -347,6 +357,27 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
     log.info("%s: %s  top-1 err final %s  median(last 5) %s", directory, run.status,
              result["top1_error_final"], result["top1_error_median_last5"])
     return {**result, "outcome": run.outcome}
+
+
+def _final_evaluations(cfg, model, data, loop: Loop, history) -> dict | None:
+    """``top1_error_by_eval`` of the final model (normbench.bn_eval): ema / precise_bn / batch_stats; None
+    when ``bn_eval.enabled`` is false."""
+    if not cfg.bn_eval.enabled or not history:
+        return None
+
+    def forward(m, images):  # a re-estimation batch, run as training runs it
+        if loop.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with loop.autocast():
+            return m(images)
+
+    started = time.perf_counter()
+    by_eval = bn_eval.evaluations(model, data.train, data.eval, lambda m, loader: evaluate(m, loader, loop),
+                                  per_gpu_batch=cfg.per_gpu_batch, precise_bn_images=cfg.bn_eval.precise_bn_images,
+                                  forward=forward, dist=loop.dist, ema=history[-1]["top1_error"])
+    log.info("top-1 err of the final model by evaluation: %s (%.1fs)",
+             "  ".join(f"{k} {v:.2f}%" for k, v in by_eval.items()), time.perf_counter() - started)
+    return by_eval
 
 
 @dataclass
