@@ -34,10 +34,12 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | N
                           timeout=timeout, env=full_env, cwd=cwd or REPO)
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=NPROC -m normbench.train ARGS`: real processes, gloo on the CPU."""
+def torchrun(*args: str, nproc: int = 2, launcher: tuple[str, ...] = (), timeout: float = 300
+             ) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=NPROC LAUNCHER -m normbench.train ARGS`: real processes, gloo on
+    the CPU."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", "-m", "normbench.train", *args],
+                           f"--nproc_per_node={nproc}", *launcher, "-m", "normbench.train", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
 
