@@ -208,15 +208,19 @@ def test_init_weights_handles_bias_free_layers():
 
 
 # ---- Weight Standardization ------------------------------------------------------------------------------------
-def ws_reference(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """float64 (w - mean) / sqrt(var + eps) over (Cin, kh, kw) per output filter, biased variance, eps inside
-    the square root (normbench/norms/weight_std.py's convention, as timm's StdConv2d)."""
-    w = weight.detach().double()
-    flat = w.reshape(w.shape[0], -1)
-    n = flat.shape[1]
-    mean = flat.sum(1, keepdim=True) / n
-    var = ((flat - mean) ** 2).sum(1, keepdim=True) / n
-    return ((flat - mean) / torch.sqrt(var + eps)).reshape(w.shape)
+def ws_reference(weight: torch.Tensor, eps: float = 1e-5, unbiased: bool = False) -> torch.Tensor:
+    """Weight Standardization as the WS paper defines it (Qiao et al. 2019, eqs. 5-6), in float64: per output
+    filter i over its I = C_in/groups * kh * kw weights, mu = (1/I) sum W, sigma = sqrt((1/I) sum W^2 - mu^2 + eps),
+    W_hat = (W - mu) / sigma. Convention: BIASED variance (1/I), eps = 1e-5 INSIDE the square root. unbiased=True
+    gives the official code's variant instead ((W - mu) / (std with 1/(I-1) + eps)), to show the two differ."""
+    w = weight.detach().double().reshape(weight.shape[0], -1)
+    fan_in = w.shape[1]
+    mu = w.sum(1, keepdim=True) / fan_in
+    if unbiased:
+        sigma = (((w - mu) ** 2).sum(1, keepdim=True) / (fan_in - 1)).sqrt() + eps
+    else:
+        sigma = ((w * w).sum(1, keepdim=True) / fan_in - mu * mu + eps).sqrt()
+    return ((w - mu) / sigma).reshape(weight.shape)
 
 
 @pytest.mark.parametrize("model_name", ["resnet50", "cifar_resnet8"])
@@ -251,6 +255,9 @@ def test_weight_standardization(model_name):
     with_eps = F.conv2d(x.double(), ws_reference(small.weight), None, small.stride, small.padding)
     torch.testing.assert_close(copy.deepcopy(small).double()(x.double()), with_eps, rtol=1e-10, atol=1e-10)
     assert (no_eps - with_eps).abs().max() > 1e-4  # so the float64 match above does pin the eps convention
+    # and the variance convention: the unbiased variant is off by ~1/(2 fan_in) of the output
+    unbiased = F.conv2d(x.double(), ws_reference(small.weight, unbiased=True), None, small.stride, small.padding)
+    assert (unbiased - with_eps).abs().max() > 1e-4
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.randn(2, 3, 32, 32))).all()
 

@@ -98,11 +98,17 @@ def test_weight_bias_are_per_channel_parameters():
             continue
         for p in (layer.weight, layer.bias):
             assert isinstance(p, nn.Parameter) and p.shape == (64,), name
+        # weight 0 and a non-zero bias: the output is the bias, channel by channel (a dropped or misaligned
+        # bias fails; with the zero bias of a fresh layer it would not)
         nn.init.zeros_(layer.weight)
+        with torch.no_grad():
+            layer.bias.copy_(torch.linspace(-2.0, 2.0, 64))
         layer.train()
         y = layer(torch.randn(4, 64, 3, 3))
-        if name != "frn":  # FRN's TLU: max(bias, tau)
-            torch.testing.assert_close(y, torch.zeros_like(y)), name
+        expected = layer.bias.detach().view(1, 64, 1, 1).expand_as(y)
+        if name == "frn":  # FRN's TLU: max(bias, tau), tau 0 at init
+            expected = expected.clamp(min=0.0)
+        torch.testing.assert_close(y, expected, msg=name)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
