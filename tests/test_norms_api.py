@@ -136,19 +136,3 @@ def test_timm_model_accepts_norm_layer():
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnet18", pretrained=False, num_classes=3, norm_layer=norm_layer("gn", groups=8))
     assert isinstance(model.bn1, nn.GroupNorm) and model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
-
-
-def test_sn_batch_average_in_resnet():
-    model = torchvision.models.resnet18(norm_layer=norm_layer("sn", per_gpu_batch=2, inference="batch_average"),
-                                        num_classes=3)
-    model(torch.randn(4, 3, 32, 32)).sum().backward()
-    model.eval()
-    reestimate_batch_average(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
-    assert not model.training
-    with torch.no_grad():
-        assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
-
-
-def test_dms_and_ms_exist():
-    assert issubclass(WSConv2d, nn.Conv2d)
-    assert callable(DynamicMomentShortcut) and callable(MomentShortcut)

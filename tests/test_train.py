@@ -15,6 +15,8 @@ import torch
 from conftest import REPO, TINY, cli, compose
 from normbench.train import train
 
+pytestmark = pytest.mark.slow  # every test here trains (in-process or in a subprocess)
+
 
 def _run(tmp_path, *extra):
     return train(compose(TINY + [f"results_dir={tmp_path}", *extra]))
@@ -94,7 +96,6 @@ def _weights(run_dir):
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
 
 
-@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_result(tmp_path):
     # random crop and flip on: a resume must replay epoch 2's augmentation to match
     args = [*TINY, "data.num_train=4096", "epochs=3", "per_gpu_batch=4", "data.augment.crop_padding=2",
@@ -128,9 +129,8 @@ def test_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_result(tmp_path):
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["bn", "sn", "sn_batch_average"])
-def test_two_process_ddp_matches_one_process_emulation(tmp_path, norm):
+def test_two_process_ddp_bn_and_sn_match_one_process_emulation(tmp_path, norm):
     norm = ["norm=sn", "norm.inference=batch_average"] if norm == "sn_batch_average" else [f"norm={norm}"]
     args = [*TINY, *norm, "epochs=1", "data.num_train=128"]
     single = cli("train", *args, f"results_dir={tmp_path / 'one'}")
@@ -163,9 +163,13 @@ def test_channels_last_changes_nothing_beyond_float_error(tmp_path):
 
 @pytest.mark.parametrize("norm", sorted(p.stem for p in (REPO / "configs" / "norm").glob("*.yaml")))
 def test_every_norm_config_trains_through_the_pipeline(tmp_path, norm):
-    result = _run(tmp_path, f"norm={norm}", "epochs=1", "data.num_train=64", "data.num_eval=32")
+    result = _run(tmp_path, f"norm={norm}", "epochs=4", "base_lr=0.4")
     assert result["status"] == "completed", result
-    assert 0.0 <= result["top1_error_final"] <= 100.0
+    (run,) = _run_dirs(tmp_path)
+    losses = [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0], losses  # it learns something
+    if norm not in ("in", "none"):  # IN on 2x2 final maps and no norm at all stay near chance here (measured)
+        assert result["top1_error_final"] < 65.0, result["top1_error_final"]  # chance: 75% with 4 classes
     if norm == "sn":
         weights = next(iter(result["sn_importance"].values()))
         assert sum(weights["mean"].values()) == pytest.approx(1.0)
