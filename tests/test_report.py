@@ -349,3 +349,20 @@ def test_columns_left_out_by_the_preset_are_not_missing(tmp_path):
     assert "Spread over G (max - min): 3.00 (paper 0.9)" in md
     # the paper's own derived row stays as printed (minus its best, G=32)
     assert float(rows[("minus best", "64", "top1_error_diff")]["paper"]) == pytest.approx(0.5)
+
+
+def test_pono_ms_layout_places_the_three_norms_and_has_no_paper_numbers(tmp_path):
+    r = tmp_path / "r"
+    errors = {("bn", 32): (10.0, 12.0), ("bn", 2): (15.0,), ("gn", 32): (11.0,), ("gn", 2): (11.5,),
+              ("gn+pono_ms", 32): (9.0, 10.0), ("gn+pono_ms", 2): (10.5,)}
+    for (norm, batch), errs in errors.items():
+        for seed, e in enumerate(errs):
+            write_result(r, experiment="pono_ms", norm=norm, per_gpu_batch=batch, seed=seed, error=e)
+    s = build_report("pono_ms", r)
+    rows = read_csv(s.csv_path)
+    for (norm, batch), errs in errors.items():
+        label = {"bn": "BN", "gn": "GN", "gn+pono_ms": "GN + PONO-MS"}[norm]
+        row = rows[(label, str(batch), "top1_error_median_last5")]
+        assert float(row["mean"]) == pytest.approx(sum(errs) / len(errs)) and row["paper"] == ""
+    assert "PONO-MS - GN at 32 images/GPU: -1.50" in s.markdown
+    assert "PONO-MS - GN at 2 images/GPU: -1.00" in s.markdown
