@@ -203,7 +203,7 @@ def test_unknown_experiment(tmp_path):
     assert "\n" not in msg and "gn_table9" in msg
     for name in ("gn_table1", "gn_table2", "gn_groups", "gn_channels_per_group", "sn_table"):
         assert name in msg
-    assert set(EXPERIMENTS) == {"gn_table1", "gn_table2", "gn_groups", "gn_channels_per_group", "sn_table"}
+    assert set(EXPERIMENTS) == {"gn_table1", "gn_table2", "gn_groups", "gn_channels_per_group", "sn_table", "pono_ms"}
 
 
 def test_missing_results_dir_refused_and_nothing_created(tmp_path):
