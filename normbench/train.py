@@ -219,7 +219,7 @@ def train(cfg: DictConfig) -> dict:
     force = bool(config.get("force", False))
     if d.is_main:
         runs.check_writable(Path(config["results_dir"]))
-    if not force and (finished := _finished_on_main(directory, d, device)):
+    if not force and (finished := runs.finished_on_main(directory, d, device)):
         return finished
 
     torch.backends.cudnn.benchmark = fast["cudnn_benchmark"]
@@ -243,7 +243,7 @@ def train(cfg: DictConfig) -> dict:
         log.info("skip %s: another process is training it", directory)
         return {"status": "running", "outcome": "busy", "run_dir": str(directory)}
     try:
-        if finished := _finished_on_main(directory, d, device, quiet=True):  # another sweep may have finished it
+        if finished := runs.finished_on_main(directory, d, device, quiet=True):  # another sweep may have finished it
             if not force:
                 return finished
             if d.is_main:
@@ -253,18 +253,6 @@ def train(cfg: DictConfig) -> dict:
     finally:
         if lock:
             lock.release()
-
-
-def _finished_on_main(directory: Path, d, device, quiet: bool = False) -> dict | None:
-    """The finished result, read by rank 0 only (it may move a damaged file aside); every rank agrees."""
-    result = runs.finished_result(directory) if d.is_main else None
-    if not distributed.broadcast_flag(result is not None, d, device):
-        return None
-    if result is None:  # another rank's view: rank 0 found it finished
-        return {"status": "completed", "outcome": "skipped", "run_dir": str(directory)}
-    if not quiet:
-        log.info("skip %s: already %s", directory, result["status"])
-    return {**result, "outcome": "skipped"}
 
 
 def _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler) -> dict:
@@ -302,7 +290,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                 sync_buffers_every_step=uses_batch_stats_in_training(model) and d.enabled,
                 show_progress=d.is_main and cfg.logger.progress, amp_dtype=amp_dtype, scaler=scaler)
 
-    run, by_eval = _Outcome(outcome), None
+    run, by_eval = runs.Outcome(outcome), None
     with runs.interrupts_raise(), Tracker(cfg, directory, directory.name, runs.wandb_id(config), config,
                                           enabled=d.is_main) as tracker:
         try:
@@ -380,39 +368,12 @@ def _final_evaluations(cfg, model, data, loop: Loop, history) -> dict | None:
     return by_eval
 
 
-@dataclass
-class _Outcome:
-    """How the run ended (status for result.json, outcome for the sweep summary)."""
-    outcome: str
-    status: str = "completed"
-    diverged_epoch: int | None = None
-    error: str | None = None
-    interrupted_by: str | None = None
-
-    def end(self, status: str, **details) -> None:
-        self.status = self.outcome = status
-        for key, value in details.items():
-            setattr(self, key, value)
-
-
-def _result(config, run: _Outcome, history, resumes, wall_time_s, model) -> dict:
-    done = run.status == "completed"
-    last = history[-1] if history else {}
-    importance = switchable_importance(model) if config["norm"]["name"] == "sn" else None
-    return {
-        "status": run.status, "experiment": config["experiment"], "run_id": runs.run_id(config),
-        "run_dir": str(runs.run_dir(config).relative_to(config["results_dir"])),
-        "model": config["model"]["id"], "data": config["data"]["name"], "norm": norm_label(config),
-        "norm_options": norm_options(config), "gpus": config["gpus"], "per_gpu_batch": config["per_gpu_batch"],
-        "seed": config["seed"], "epochs": config["epochs"], "epochs_completed": len(history),
-        "top1_error_final": last.get("top1_error") if done else None,
-        "top1_error_median_last5": median_last5(history) if done else None,
-        "top5_error_final": last.get("top5_error") if done else None,
-        "diverged_epoch": run.diverged_epoch, "error_message": run.error, "interrupted_by": run.interrupted_by,
-        "resumes": resumes, "requeues": runs.requeue_count(), "wall_time_s": round(wall_time_s, 2),
-        "sn_importance": importance, "lr": learning_rate(config),
-        "git": runs.git_state(), "config": config,
-    }
+def _result(config, run: runs.Outcome, history, resumes, wall_time_s, model) -> dict:
+    """The result record (normbench.runs.result_record) with what only the trainer knows."""
+    return runs.result_record(
+        config, run, history, resumes, wall_time_s, metric=median_last5(history), norm=norm_label(config),
+        norm_options=norm_options(config), lr=learning_rate(config),
+        sn_importance=switchable_importance(model) if config["norm"]["name"] == "sn" else None)
 
 
 def _command_line_overrides() -> list[str]:
