@@ -1,5 +1,5 @@
 """Models against independent references: hand-counted parameters, torchvision's ResNet-50 layout, the papers'
-init recipe (shared/papers.md section 2), Weight Standardization re-derived in float64, timm and the real configs.
+init recipe (docs/papers.md section 2), Weight Standardization re-derived in float64, timm and the real configs.
 """
 from __future__ import annotations
 

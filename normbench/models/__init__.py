@@ -1,6 +1,6 @@
 """Models built by name, every norm layer coming from one `norm_layer(num_channels)` callable.
 
-`build_model` applies the papers' recipe (shared/papers.md section 2) to every model: He (fan_out) init for
+`build_model` applies the papers' recipe (docs/papers.md section 2) to every model: He (fan_out) init for
 convolutions, fc ~ N(0, 0.01), gamma = 1 everywhere except the last norm layer of each residual block
 (gamma = 0 when `zero_init_last_gamma`), and optionally Weight Standardization on every convolution.
 """

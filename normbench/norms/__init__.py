@@ -10,7 +10,7 @@ Public API::
     MomentShortcut, DynamicMomentShortcut (PONO), WSConv2d (Weight Standardization)
 
 Names: bn (per-GPU BN), syncbn, gn, ln (=GN G=1), in (=GN G=C), sn, pono, brn, frn, evonorm_b0, evonorm_s0,
-none. Exact semantics: each module's docstring and /work/shared/papers.md section 3.
+none. Exact semantics: each module's docstring and docs/papers.md section 3.
 """
 
 from ._common import NormConfigError, NormLayer

@@ -16,7 +16,7 @@ Running statistics (state this in every report): each GPU would apply the usual 
 the layer stores the **average over the k GPUs of those updates**, i.e.
 ``running = (1 - momentum) * running + momentum * mean_k(stat_gpu)``. This is what DDP with per-GPU BN
 would hold if running statistics were averaged across ranks (rather than broadcast from rank 0, trap 3 in
-papers.md). Eval uses the running statistics.
+docs/papers.md section 4). Eval uses the running statistics.
 
 Deliberately NOT a subclass of ``nn.modules.batchnorm._BatchNorm``: ``nn.SyncBatchNorm.convert_sync_batchnorm``
 leaves it alone, so a generic DDP "sync BN" preset cannot silently turn per-GPU BN into SyncBN (use ``syncbn``

@@ -20,7 +20,7 @@ BUILTIN_NORM_TYPES: tuple[type, ...] = tuple(
 def is_norm_layer(module: nn.Module) -> bool:
     """True for every layer built by ``build_norm`` and for torch's built-in norms (BatchNorm*, SyncBatchNorm,
     GroupNorm, LayerNorm, InstanceNorm*, LocalResponseNorm, CrossMapLRN2d, RMSNorm). torchvision's weight-decay
-    grouping only knows the built-ins (papers.md trap); use this instead."""
+    grouping only knows the built-ins (docs/papers.md section 4); use this instead."""
     return isinstance(module, (NormLayer,) + BUILTIN_NORM_TYPES)
 
 

@@ -7,7 +7,7 @@
 Six control logits (``mean_weight[3]``, ``var_weight[3]``, order in/ln/bn), all initialized to 1.
 
 Statistics are computed ONCE per (sample, channel) -- one reduction over (H, W) -- and LN's and BN's are
-derived from IN's (papers.md section 3):
+derived from IN's (docs/papers.md section 3):
     m_ln = mean_c m_in,   v_ln = mean_c (v_in + m_in^2) - m_ln^2
     m_bn = mean_n m_in,   v_bn = mean_n (v_in + m_in^2) - m_bn^2     (per emulated GPU of per_gpu_batch images)
 followed by a single fused normalize ``y = x * A + B`` with a custom backward (see ``_fused.py``).
