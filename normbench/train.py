@@ -31,9 +31,9 @@ from normbench.models import build_model
 from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
                              uses_batch_stats_in_training)
 from normbench.optim import build_optimizer, build_scheduler, learning_rate
+from normbench.paths import CONFIG_DIR
 from normbench.tracking import Tracker, progress
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("normbench")
 
 
