@@ -150,7 +150,7 @@ def evaluate(model, loader, ctx) -> dict:
     device = ctx["device"]
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, loss sum, count
     count = 0
-    for images, labels in loader:
+    for images, labels in progress(loader, len(loader), "evaluate", ctx.get("show_progress", False), delay_s=5):
         if ctx["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         with ctx["autocast"]():
