@@ -29,7 +29,7 @@ from normbench import distributed, runs
 from normbench.data import DataError, build_data
 from normbench.models import build_model
 from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
-                             uses_batch_stats_in_training)
+                             reads_running_stats_in_training)
 from normbench.optim import build_optimizer, build_scheduler, learning_rate
 from normbench.paths import CONFIG_DIR
 from normbench.tracking import Tracker, progress
@@ -254,7 +254,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
         train_model = torch.compile(train_model)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fast["amp"])
     ctx = {"device": device, "dist": d, "raw_model": model, "channels_last": fast["channels_last"],
-           "sync_buffers_every_step": uses_batch_stats_in_training(model) and d.enabled,
+           "sync_buffers_every_step": reads_running_stats_in_training(model) and d.enabled,
            "show_progress": d.is_main and cfg.logger.progress,
            "autocast": (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext}
 

@@ -87,14 +87,14 @@ class PerGPUBatchNorm2d(NormLayer, nn.Module):
 
     norm_name = "bn"
 
-    @staticmethod
-    def check_options(per_gpu_batch=None, momentum=0.1, eps=1e-5, _layer="bn"):
-        check_batch_options(_layer, per_gpu_batch, momentum, eps)
+    @classmethod
+    def _check(cls, per_gpu_batch, momentum, eps):
+        check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
 
     def __init__(self, num_channels: int, per_gpu_batch: int | None = None, momentum: float = 0.1,
                  eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
-        self.check_options(per_gpu_batch, momentum, eps, _layer=self.norm_name)
+        self._check(per_gpu_batch, momentum, eps)
         init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype)
 
     def reset_running_stats(self) -> None:
@@ -124,12 +124,12 @@ class SyncBatchNorm2d(NormLayer, nn.BatchNorm2d):
 
     norm_name = "syncbn"
 
-    @staticmethod
-    def check_options(momentum=0.1, eps=1e-5, _layer="syncbn"):
-        check_momentum(_layer, momentum)
-        check_eps(_layer, eps)
+    @classmethod
+    def _check(cls, momentum, eps):
+        check_momentum(cls.norm_name, momentum)
+        check_eps(cls.norm_name, eps)
 
     def __init__(self, num_channels: int, momentum: float = 0.1, eps: float = 1e-5, device=None, dtype=None):
-        self.check_options(momentum, eps)
+        self._check(momentum, eps)
         super().__init__(check_channels(self.norm_name, num_channels), eps=eps, momentum=momentum,
                          device=device, dtype=dtype)
