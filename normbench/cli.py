@@ -1,9 +1,10 @@
 """The `normbench` command: train | sweep | report.
 
-    normbench train [overrides]                          one run (Hydra; -m for a plain multirun)
-    normbench sweep experiment=NAME [preset=P] [...]     the grid behind a paper table
-    normbench report experiment=NAME results_dir=DIR     the table beside the paper's numbers; never trains
+normbench train [overrides]                          one run (Hydra; -m for a plain multirun)
+normbench sweep experiment=NAME [preset=P] [...]     the grid behind a paper table
+normbench report experiment=NAME results_dir=DIR     the table beside the paper's numbers; never trains
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,10 @@ def _report(args: list[str]) -> int:
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in options:
-            print(f"normbench report: error: unknown argument {arg!r}; use experiment=NAME results_dir=DIR "
-                  "[out_dir=DIR]", file=sys.stderr)
+            print(
+                f"normbench report: error: unknown argument {arg!r}; use experiment=NAME results_dir=DIR [out_dir=DIR]",
+                file=sys.stderr,
+            )
             return 2
         options[key] = value
     if not options["experiment"]:

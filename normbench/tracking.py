@@ -62,10 +62,11 @@ class LogProgress:
 
     def _line(self, step: int, images: int, elapsed: float) -> str:
         rate = images / elapsed if elapsed > 0 else 0.0
+        digits = 0 if rate >= 10 else 1
         eta = elapsed / step * (self.total - step) if step else 0.0
         extra = "".join(f"  {k} {v}" for k, v in self.postfix.items())
-        return (f"{self.desc}: step {step}/{self.total}  {rate:.{0 if rate >= 10 else 1}f} img/s  elapsed {_clock_time(elapsed)}  "
-                f"ETA {_clock_time(eta)}{extra}")
+        return (f"{self.desc}: step {step}/{self.total}  {rate:.{digits}f} img/s  "
+                f"elapsed {_clock_time(elapsed)}  ETA {_clock_time(eta)}{extra}")
 
     def __iter__(self):
         start = last = self.clock()

@@ -42,7 +42,7 @@ import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from normbench.models import build_model  # noqa: E402
-from normbench.norms import NormConfigError, norm_layer, norm_options  # noqa: E402
+from normbench.norms import NormConfigError, norm_layer  # noqa: E402
 from normbench.paths import CONFIG_DIR  # noqa: E402
 
 BASELINE = "bn"

@@ -1,5 +1,6 @@
 """Every experiment composes at every preset, and at preset=local every cell of every grid builds a model that
 runs a training step; one experiment's whole grid trains end to end at preset=local through the CLI."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,9 @@ import torch
 from omegaconf import OmegaConf
 
 import normbench  # noqa: F401 -- registers the ${gpus_for:...} resolver the CPU presets use
-from conftest import CONFIG_DIR, cli, compose
 from hydra_plugins.normbench_sweeper.normbench_sweeper import plan_jobs
+
+from conftest import CONFIG_DIR, cli, compose
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "preset").glob("*.yaml"))
@@ -62,8 +64,14 @@ def test_every_cell_at_preset_local_builds_and_takes_a_training_step(experiment)
 @pytest.mark.slow
 def test_a_whole_grid_trains_end_to_end_at_preset_local(tmp_path):
     """GN Table 1 (bn, ln, in, gn) at preset=local through `normbench sweep`, then its report."""
-    result = cli("sweep", "experiment=gn_table1", "preset=local", f"results_dir={tmp_path}",
-                 "logger.wandb.mode=disabled", timeout=600)
+    result = cli(
+        "sweep",
+        "experiment=gn_table1",
+        "preset=local",
+        f"results_dir={tmp_path}",
+        "logger.wandb.mode=disabled",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"sweep gn_table1: 4 runs: 4 completed, 0 skipped", result.stdout), result.stdout[-2000:]
     report = cli("report", "experiment=gn_table1", f"results_dir={tmp_path}")

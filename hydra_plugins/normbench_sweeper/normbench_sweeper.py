@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -33,12 +33,11 @@ log = logging.getLogger("normbench")
 @dataclass
 class NormbenchSweeperConf:
     _target_: str = "hydra_plugins.normbench_sweeper.normbench_sweeper.NormbenchSweeper"
-    max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
+    max_batch_size: int | None = None
+    params: dict[str, str] | None = None
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="normbench", node=NormbenchSweeperConf,
-                             provider="normbench")
+ConfigStore.instance().store(group="hydra/sweeper", name="normbench", node=NormbenchSweeperConf, provider="normbench")
 
 
 def _format(value: Any) -> str:
@@ -73,7 +72,7 @@ def plan_jobs(base_jobs: list[list[str]], grid: list, seeds: list, allowed: dict
             if any(k in fixed and fixed[k] != v for k, v in cell.items()):
                 continue  # the command line selected another slice of this axis
             job = base + [f"{k}={v}" for k, v in cell.items() if k not in fixed]
-            for seed in ([None] if "seed" in fixed else seeds):
+            for seed in [None] if "seed" in fixed else seeds:
                 full = job + ([f"seed={seed}"] if seed is not None else [])
                 if tuple(full) not in seen:
                     seen.add(tuple(full))
@@ -119,13 +118,14 @@ class NormbenchSweeper(BasicSweeper):
             planned.append((runs.run_name(config), run_state(runs.run_dir(config))))
         return planned
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         base_jobs = self.split_arguments(overrides, None)[0]
         sweep_cfg = OmegaConf.to_container(self.config.sweep, resolve=True)
-        jobs = plan_jobs(base_jobs, sweep_cfg.get("grid") or [], sweep_cfg.get("seeds") or [0],
-                         sweep_cfg.get("allowed"))
+        jobs = plan_jobs(
+            base_jobs, sweep_cfg.get("grid") or [], sweep_cfg.get("seeds") or [0], sweep_cfg.get("allowed")
+        )
         experiment = self.config.experiment
         planned = self._plan_states(jobs)
         states = Counter(state if state in ("done", "partial", "new") else "bad config" for _, state in planned)
@@ -134,8 +134,11 @@ class NormbenchSweeper(BasicSweeper):
         if sweep_cfg.get("dry_run"):
             for name, state in planned:
                 print(f"  {state:<8} {name}", flush=True)
-            print(f"sweep {experiment} (dry run): {len(jobs)} runs in {self.config.results_dir}/{experiment}/: "
-                  f"{counts}; nothing trained", flush=True)
+            print(
+                f"sweep {experiment} (dry run): {len(jobs)} runs in {self.config.results_dir}/{experiment}/: "
+                f"{counts}; nothing trained",
+                flush=True,
+            )
             return states
         log.info("sweep %s: %d runs (%s)", experiment, len(jobs), counts)
         outcomes: Counter = Counter()
@@ -147,10 +150,10 @@ class NormbenchSweeper(BasicSweeper):
         trained_seconds, trained = 0.0, 0
         for start in range(0, len(jobs), batch):
             launched = time.perf_counter()
-            returns = self.launcher.launch(jobs[start:start + batch], initial_job_idx=start)
+            returns = self.launcher.launch(jobs[start : start + batch], initial_job_idx=start)
             elapsed = time.perf_counter() - launched
             trained_here = 0
-            for job, ret in zip(jobs[start:start + batch], returns):
+            for job, ret in zip(jobs[start : start + batch], returns):
                 if ret.status == JobStatus.COMPLETED and isinstance(ret._return_value, dict):
                     outcome = ret._return_value.get("outcome", "completed")
                 else:
@@ -164,14 +167,20 @@ class NormbenchSweeper(BasicSweeper):
             if in_process and finished < len(jobs):
                 to_train = sum(state != "done" for _, state in planned[finished:])
                 eta = _duration(trained_seconds / trained * to_train) if trained else "unknown"
-                print(f"sweep {experiment}: run {finished}/{len(jobs)} {outcome}; {to_train} of the "
-                      f"{len(jobs) - finished} left to train, ETA {eta}", flush=True)
+                print(
+                    f"sweep {experiment}: run {finished}/{len(jobs)} {outcome}; {to_train} of the "
+                    f"{len(jobs) - finished} left to train, ETA {eta}",
+                    flush=True,
+                )
         order = ["completed", "skipped", "resumed", "diverged", "busy", "failed"]
         summary = ", ".join(f"{outcomes[k]} {k}" for k in order)
         print(f"sweep {experiment}: {len(jobs)} runs: {summary}", flush=True)
         if outcomes["busy"]:
-            print(f"  {outcomes['busy']} run(s) were being trained by another process; rerun the sweep later "
-                  "to pick up any it did not finish", flush=True)
+            print(
+                f"  {outcomes['busy']} run(s) were being trained by another process; rerun the sweep later "
+                "to pick up any it did not finish",
+                flush=True,
+            )
         if failures:
             print("failed runs:\n" + "\n".join(failures), file=sys.stderr, flush=True)
             sys.exit(1)

@@ -6,7 +6,7 @@ convolutions, fc ~ N(0, 0.01), gamma = 1 everywhere except the last norm layer o
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -5,7 +5,7 @@ under study sits on every path, as in the ImageNet ResNets.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -29,8 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormLayer, check_batch_options, check_channels, check_input, check_momentum, check_eps,
-                      gpu_view, init_batch_layer, split_gpus)
+from ._common import (
+    NormLayer,
+    check_batch_options,
+    check_channels,
+    check_eps,
+    check_input,
+    check_momentum,
+    gpu_view,
+    init_batch_layer,
+    split_gpus,
+)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["PerGPUBatchNorm2d", "SyncBatchNorm2d", "chunked_batch_norm"]

@@ -28,8 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormConfigError, NormLayer, check_batch_options, check_bool, check_float, check_input,
-                      check_int, init_batch_layer, split_gpus, gpu_view)
+from ._common import (
+    NormConfigError,
+    NormLayer,
+    check_batch_options,
+    check_bool,
+    check_float,
+    check_input,
+    check_int,
+    gpu_view,
+    init_batch_layer,
+    split_gpus,
+)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["BatchRenorm2d"]
@@ -90,7 +100,8 @@ class BatchRenorm2d(NormLayer, nn.Module):
                     f"dmax 0->{self.dmax_max} by {self.dmax_steps}")
         else:
             clip = f"rmax={self.rmax}, dmax={self.dmax}"
-        return f"{self.num_channels}, {clip}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"
+        return (f"{self.num_channels}, {clip}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, "
+                f"eps={self.eps}")
 
     def current_limits(self):
         """(rmax, dmax) for the next training step: floats (fixed) or 0-dim tensors (schedule)."""

@@ -13,8 +13,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import (NormLayer, add_affine, check_batch_options, check_channels, check_eps, check_input,
-                      check_int, init_batch_layer, split_gpus, gpu_view)
+from ._common import (
+    NormLayer,
+    add_affine,
+    check_batch_options,
+    check_channels,
+    check_eps,
+    check_input,
+    check_int,
+    gpu_view,
+    init_batch_layer,
+    split_gpus,
+)
 from .group_norm import resolve_groups
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dS0"]

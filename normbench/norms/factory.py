@@ -7,7 +7,7 @@ layer, numbers, fix). Checks that need the channel count (groups dividing C, ...
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import add_affine, NormLayer, check_bool, check_channels, check_eps, check_input
+from ._common import NormLayer, add_affine, check_bool, check_channels, check_eps, check_input
 from ._fused import stats_affine
 
 __all__ = ["FilterResponseNorm2d"]

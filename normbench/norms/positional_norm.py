@@ -17,8 +17,16 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._common import (add_affine, NormConfigError, NormLayer, check_bool, check_channels, check_eps,
-                      check_input, check_int)
+from ._common import (
+    NormConfigError,
+    NormLayer,
+    add_affine,
+    check_bool,
+    check_channels,
+    check_eps,
+    check_input,
+    check_int,
+)
 
 __all__ = ["PositionalNorm", "MomentShortcut", "DynamicMomentShortcut"]
 

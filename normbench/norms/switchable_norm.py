@@ -34,14 +34,21 @@ required with ``per_gpu_batch=1`` (BN over one image equals IN).
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormConfigError, NormLayer, check_batch_options, check_bool, check_choice, check_input,
-                      init_batch_layer, split_gpus)
+from ._common import (
+    NormConfigError,
+    NormLayer,
+    check_batch_options,
+    check_bool,
+    check_choice,
+    check_input,
+    init_batch_layer,
+    split_gpus,
+)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["SwitchableNorm2d", "switchable_importance", "reestimate_batch_average"]
