@@ -15,21 +15,20 @@ USAGE = __doc__.strip()
 def _report(args: list[str]) -> int:
     from normbench.report import build_report
 
-    options = {"experiment": None, "results_dir": "results/runs", "out_dir": None}
+    options = {"experiment": None, "results_dir": "results/runs", "out_dir": None, "model": None, "data": None}
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in options:
-            print(
-                f"normbench report: error: unknown argument {arg!r}; use experiment=NAME results_dir=DIR [out_dir=DIR]",
-                file=sys.stderr,
-            )
+            print(f"normbench report: error: unknown argument {arg!r}; use experiment=NAME results_dir=DIR "
+                  "[out_dir=DIR] [model=MODEL_ID] [data=DATA_NAME]", file=sys.stderr)
             return 2
         options[key] = value
     if not options["experiment"]:
         print("normbench report: error: experiment=NAME is required", file=sys.stderr)
         return 2
     try:
-        summary = build_report(options["experiment"], options["results_dir"], options["out_dir"])
+        summary = build_report(options["experiment"], options["results_dir"], options["out_dir"],
+                               model=options["model"], data=options["data"])
     except ValueError as err:
         print(f"normbench report: error: {err}", file=sys.stderr)
         return 2
@@ -52,11 +51,19 @@ def _config_error(command: str, args: list[str]) -> str | None:
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            OmegaConf.to_container(compose(config_name="train", overrides=plain), resolve=True)
+            config = OmegaConf.to_container(compose(config_name="train", overrides=plain), resolve=True)
     except Exception as err:  # noqa: BLE001 -- any composition error is the user's to fix
         text = str(err).split("Config search path")[0]  # Hydra appends its search path: noise here
         text = text.replace(":\n", ": ").replace("\n\n", "\n").replace("\n", ", ").replace("., ", ". ")
         return " ".join(text.split()).rstrip(", ") + " (normbench train --cfg job lists every key)"
+    from pathlib import Path
+
+    from normbench.runs import RunEnvironmentError, check_writable
+
+    try:  # before Hydra creates its output directory under results_dir (a raw OSError traceback otherwise)
+        check_writable(Path(config["results_dir"]))
+    except RunEnvironmentError as err:
+        return str(err)
     return None
 
 

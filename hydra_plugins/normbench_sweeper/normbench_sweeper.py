@@ -85,8 +85,8 @@ def run_state(directory) -> str:
     from) or new."""
     from normbench import runs
 
-    result = runs.read_json(directory / "result.json")
-    if result and result.get("status") in ("completed", "diverged"):
+    result = runs.read_json(directory / "result.json")  # not runs.read_result: it moves damaged files aside
+    if isinstance(result, dict) and result.get("status") in runs.FINAL_STATUSES:
         return "done"
     return "partial" if (directory / "checkpoint.pt").exists() else "new"
 
@@ -172,7 +172,7 @@ class NormbenchSweeper(BasicSweeper):
                     f"{len(jobs) - finished} left to train, ETA {eta}",
                     flush=True,
                 )
-        order = ["completed", "skipped", "resumed", "diverged", "busy", "failed"]
+        order = ["completed", "skipped", "resumed", "diverged", "busy", "interrupted", "failed"]
         summary = ", ".join(f"{outcomes[k]} {k}" for k in order)
         print(f"sweep {experiment}: {len(jobs)} runs: {summary}", flush=True)
         if outcomes["busy"]:

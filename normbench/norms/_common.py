@@ -184,6 +184,11 @@ def gpu_view(x: Tensor, k: int, n: int) -> Tensor:
     return x.view(n, k, C, H, W)
 
 
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """float32 statistics for half-precision input; float32 / float64 input keeps its own."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def add_affine(module: nn.Module, num_channels: int, device=None, dtype=None) -> None:
     """Per-channel gamma = 1 and beta = 0 as `weight` and `bias` (what zero-init and weight decay look for)."""
     module.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
