@@ -7,9 +7,9 @@ Command-line sweeps (`norm=bn,gn`) multiply the grid; a command-line value of a 
 (`per_gpu_batch=2` runs only that column). Runs are idempotent (see normbench.train): rerunning the sweep
 skips completed runs and resumes interrupted ones.
 
-`sweep.dry_run=true` lists the planned runs (run directory name and state: done / partial / new) and trains
-nothing. A sweep on the in-process launcher launches one run at a time and logs "run k/N" with an overall ETA;
-submitit launchers get the whole grid at once (one job array).
+`sweep.dry_run=true` lists the planned runs (run directory name and state: done / partial / new, or redo for
+a done run under force=true) and trains nothing. A sweep on the in-process launcher launches one run at a time
+and logs "run k/N" with an overall ETA; submitit launchers get the whole grid at once (one job array).
 """
 
 import itertools
@@ -115,7 +115,10 @@ class NormbenchSweeper(BasicSweeper):
             except OmegaConfBaseException as err:  # the run itself reports it (and fails) when launched
                 planned.append((" ".join(job), f"bad config: {str(err).splitlines()[0]}"))
                 continue
-            planned.append((runs.run_name(config), run_state(runs.run_dir(config))))
+            state = run_state(runs.run_dir(config))
+            if state == "done" and config.get("force"):
+                state = "redo"  # force=true: the finished run is set aside and trained again
+            planned.append((runs.run_name(config), state))
         return planned
 
     def sweep(self, arguments: list[str]) -> Any:
@@ -128,8 +131,8 @@ class NormbenchSweeper(BasicSweeper):
         )
         experiment = self.config.experiment
         planned = self._plan_states(jobs)
-        states = Counter(state if state in ("done", "partial", "new") else "bad config" for _, state in planned)
-        order = ["done", "partial", "new"] + (["bad config"] if states["bad config"] else [])
+        states = Counter(state if state in ("done", "redo", "partial", "new") else "bad config" for _, state in planned)
+        order = ["done", "partial", "new"] + [k for k in ("redo", "bad config") if states[k]]
         counts = ", ".join(f"{states[k]} {k}" for k in order)
         if sweep_cfg.get("dry_run"):
             for name, state in planned:
