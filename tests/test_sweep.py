@@ -127,6 +127,9 @@ def test_sweep_tells_run_k_of_n_and_a_dry_run_lists_states_without_writing(tmp_p
     assert len(new) == 2 and all(re.fullmatch(r"cifar_resnet8-synthetic-(bn|gn)-4x4-s0-[0-9a-f]{10}", n) for n in new)
     assert f"4 runs in {tmp_path}/gn_table2/: 1 done, 1 partial, 2 new; nothing trained" in dry.stdout
     assert _tree(tmp_path) == before  # nothing trained, nothing written
+    forced = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, "per_gpu_batch=8", "sweep.dry_run=true", "force=true",
+                 f"results_dir={tmp_path}")
+    assert f"  redo     {run_dirs['bn'].name}" in forced.stdout  # force=true retrains a finished run
 
 
 @pytest.mark.slow

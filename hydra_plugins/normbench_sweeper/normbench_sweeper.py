@@ -91,6 +91,17 @@ def run_state(directory) -> str:
     return "partial" if (directory / "checkpoint.pt").exists() else "new"
 
 
+def _run_directory(config: dict):
+    """The run's directory as train() names it: the precision `fast.amp: auto` resolves to on this machine's
+    device is part of the run's hash (so a dry run on a CPU login node names the CPU runs)."""
+    from normbench import runs
+    from normbench.train import fast_settings, resolve_device
+
+    fast = fast_settings(config, resolve_device(config["device"]))
+    config["fast"].update(amp=fast["amp"], channels_last=fast["channels_last"])
+    return runs.run_dir(config)
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -103,22 +114,20 @@ class NormbenchSweeper(BasicSweeper):
         run is legal before any trains (what BasicSweeper.validate_batch_is_legal does)."""
         from omegaconf.errors import OmegaConfBaseException
 
-        from normbench import runs
-
         planned = []
         for job in jobs:
             cfg = self.hydra_context.config_loader.load_sweep_config(master_config=self.config, sweep_overrides=job)
             with open_dict(cfg):
                 del cfg["hydra"]
             try:
-                config = OmegaConf.to_container(cfg, resolve=True)
-            except OmegaConfBaseException as err:  # the run itself reports it (and fails) when launched
-                planned.append((" ".join(job), f"bad config: {str(err).splitlines()[0]}"))
+                directory = _run_directory(OmegaConf.to_container(cfg, resolve=True))
+            except (OmegaConfBaseException, ValueError) as err:  # a bad interpolation, device=cuda without a GPU:
+                planned.append((" ".join(job), f"bad config: {str(err).splitlines()[0]}"))  # the run fails on it
                 continue
-            state = run_state(runs.run_dir(config))
-            if state == "done" and config.get("force"):
+            state = run_state(directory)
+            if state == "done" and cfg.get("force"):
                 state = "redo"  # force=true: the finished run is set aside and trained again
-            planned.append((runs.run_name(config), state))
+            planned.append((directory.name, state))
         return planned
 
     def sweep(self, arguments: list[str]) -> Any:
