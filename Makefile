@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # `make demo DEMO_RESULTS=results/fashion_mnist`; a second `make demo` skips finished runs (`make clean-demo`).
 DEMO_RESULTS ?= results/demo
 
-.PHONY: install data demo test bench clean-demo
+.PHONY: install data demo lint test bench clean-demo
 
 install: $(STAMP) data
 
@@ -34,7 +34,12 @@ demo: install
 	$(BIN)/normbench report experiment=gn_table2 results_dir=$(DEMO_RESULTS); \
 	test $$a = 0 -a $$b = 0
 
-test: install
+# ruff (rules and line length in pyproject.toml): lint rules, then the one formatting style.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/pytest -q
 
 bench: install

@@ -1,9 +1,10 @@
 """The `normbench` command: train | sweep | report.
 
-    normbench train [overrides]                          one run (Hydra; -m for a plain multirun)
-    normbench sweep experiment=NAME [preset=P] [...]     the grid behind a paper table
-    normbench report experiment=NAME results_dir=DIR     the table beside the paper's numbers; never trains
+normbench train [overrides]                          one run (Hydra; -m for a plain multirun)
+normbench sweep experiment=NAME [preset=P] [...]     the grid behind a paper table
+normbench report experiment=NAME results_dir=DIR     the table beside the paper's numbers; never trains
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,7 +47,7 @@ def _config_error(command: str, args: list[str]) -> str | None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from normbench.train import CONFIG_DIR
+    from normbench.paths import CONFIG_DIR
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         if error:
             print(f"normbench {command}: error: {error}", file=sys.stderr)
             return 2
-        sys.argv = [f"normbench {command}"] + (["-m"] if command == "sweep" else []) + rest
+        # Hydra takes one mode: --cfg/--info print the composed config instead of running (no -m with them).
+        shows_config = any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in rest)
+        sys.argv = [f"normbench {command}"] + (["-m"] if command == "sweep" and not shows_config else []) + rest
         train_main()
         return 0
     print(f"normbench: error: unknown command {command!r}\n{USAGE}", file=sys.stderr)

@@ -62,7 +62,7 @@ def average_buffers(model: torch.nn.Module, d: Dist) -> None:
     """Average float buffers (running statistics) over ranks. The running-average update is linear, so
     averaging at the end of an epoch equals what one process emulating all GPUs computes every step (the norm
     layers average their per-GPU chunks the same way). Replaces DDP's broadcast_buffers, which would make every
-    GPU use rank 0's statistics (shared/papers.md, traps)."""
+    GPU use rank 0's statistics (docs/papers.md, traps)."""
     if not d.enabled:
         return
     for buffer in model.buffers():

@@ -1,6 +1,6 @@
 """Published numbers that normbench's tables are held against, as plain data.
 
-Transcribed from /work/shared/papers.md, section 1 (ImageNet, ResNet-50, single 224 center crop, 8 GPUs,
+Transcribed from docs/papers.md, section 1 (ImageNet, ResNet-50, single 224 center crop, 8 GPUs,
 per-GPU BN statistics). Conventions:
 
 * GN-paper tables are top-1 **error** %, the SN-paper table is top-1 **accuracy** %.
@@ -101,7 +101,7 @@ SN_TABLE = {
 SN_IMPORTANCE_BN_SHARE = {
     "values": {(8, 32): 0.58, (8, 2): 0.15, (8, 1): 0.0},
     "source": SN_PAPER + ", importance-weight figure",
-    "caveat": "Read off a chart (approximate); papers.md does not split it into mean and variance weights.",
+    "caveat": "Read off a chart (approximate); one BN share, not split into mean and variance weights.",
 }
 
 SN_OTHER = {
@@ -140,7 +140,7 @@ OTHER_REFERENCES = {
             "resnet20_bn_acc": {128: 93.0, 32: 91.2}, "resnet20_frn_acc": {128: 92.3, 32: 92.3},
         },
         "metric": "mixed (keys say error or acc)",
-        "source": "CIFAR-10 figures as collected in /work/shared/papers.md (ResNet-110 GN; ResNet-20 BN vs FRN)",
+        "source": "CIFAR-10 figures as collected in docs/papers.md (ResNet-110 GN; ResNet-20 BN vs FRN)",
         "caveat": "Secondary collection; the GN minus BN gap is approximate (~1.3 points).",
     },
 }

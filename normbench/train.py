@@ -29,11 +29,11 @@ from normbench import bn_eval, distributed, runs
 from normbench.data import DataError, build_data
 from normbench.models import build_model
 from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
-                             uses_batch_stats_in_training)
+                             reads_running_stats_in_training)
 from normbench.optim import build_optimizer, build_scheduler, learning_rate
+from normbench.paths import CONFIG_DIR
 from normbench.tracking import Tracker, progress
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("normbench")
 
 
@@ -174,7 +174,7 @@ def evaluate(model, loader, loop: Loop) -> dict:
     device = loop.device
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, loss sum, count
     count = 0
-    for images, labels in loader:
+    for images, labels in progress(loader, len(loader), "evaluate", loop.show_progress, delay_s=5):
         if loop.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with loop.autocast():
@@ -287,7 +287,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
     if fast["compile"]:
         train_model = torch.compile(train_model)
     loop = Loop(device=device, dist=d, raw_model=model, channels_last=fast["channels_last"],
-                sync_buffers_every_step=uses_batch_stats_in_training(model) and d.enabled,
+                sync_buffers_every_step=reads_running_stats_in_training(model) and d.enabled,
                 show_progress=d.is_main and cfg.logger.progress, amp_dtype=amp_dtype, scaler=scaler)
 
     run, by_eval = runs.Outcome(outcome), None

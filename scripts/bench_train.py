@@ -42,7 +42,8 @@ import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from normbench.models import build_model  # noqa: E402
-from normbench.norms import NormConfigError, norm_layer, norm_options  # noqa: E402
+from normbench.norms import NormConfigError, norm_layer  # noqa: E402
+from normbench.paths import CONFIG_DIR  # noqa: E402
 
 BASELINE = "bn"
 REFERENCE_BATCH = 32  # the papers' per-GPU batch: the "per image" column is relative to it
@@ -138,9 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---- measurement -------------------------------------------------------------------------------------------------
 def model_config(args):
-    path = REPO / "configs" / "model" / f"{args.model}.yaml"
+    path = CONFIG_DIR / "model" / f"{args.model}.yaml"
     if not path.exists():
-        names = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
+        names = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
         raise SystemExit(f"bench_train: no configs/model/{args.model}.yaml; choose one of {', '.join(names)}")
     cfg = OmegaConf.load(path)
     if args.timm_name:
@@ -155,15 +156,16 @@ def model_config(args):
 
 
 def layer_options(name: str, options: dict, per_gpu_batch: int, model_cfg) -> dict:
-    """As normbench.train.norm_options: the norm's options, groups from the model config (configs/norm/gn.yaml),
-    and per_gpu_batch only for the layers that accept it."""
-    accepted = norm_options(name)
-    options = dict(options)
-    if "groups" in accepted and "groups" not in options and "channels_per_group" not in options:
-        options["groups"] = int(model_cfg.norm_groups)
-    if "per_gpu_batch" in accepted:
-        options["per_gpu_batch"] = per_gpu_batch
-    return options
+    """What `normbench train norm=NAME` passes to the layer: configs/norm/NAME.yaml (groups = the model's
+    norm_groups) with ``options`` on top, through normbench.train.norm_options (per_gpu_batch where accepted)."""
+    from normbench.train import norm_options as trainer_norm_options
+
+    norm = OmegaConf.load(CONFIG_DIR / "norm" / f"{name}.yaml")
+    if "channels_per_group" in options and "groups" not in options and "groups" in norm:
+        norm.groups = None  # one of the two: the command line's channels_per_group replaces the default groups
+    norm = OmegaConf.merge(norm, options)
+    config = OmegaConf.to_container(OmegaConf.create({"model": model_cfg, "norm": norm}), resolve=True)
+    return trainer_norm_options({**config, "per_gpu_batch": per_gpu_batch})
 
 
 class Runner:

@@ -82,9 +82,12 @@ def test_bench_train_arguments():
                                ("sn:use_bn=false", "sn", {"use_bn": False})]  # bn added as the baseline
     assert args.batches == [8, 1] and args.num_classes == 10
     cfg = bench.model_config(args)
-    assert bench.layer_options("gn", {}, 1, cfg) == {"groups": 8}  # the model config's norm_groups
-    assert bench.layer_options("bn", {}, 1, cfg) == {"per_gpu_batch": 1}
-    assert bench.layer_options("sn", {"use_bn": False}, 2, cfg) == {"use_bn": False, "per_gpu_batch": 2}
+    # the layer options of `normbench train model=cifar_resnet8 norm=NAME per_gpu_batch=B` (configs/norm/*.yaml)
+    assert bench.layer_options("gn", {}, 1, cfg) == {"groups": 8, "channels_per_group": None}  # model's norm_groups
+    assert bench.layer_options("gn", {"channels_per_group": 4}, 1, cfg) == {"groups": None, "channels_per_group": 4}
+    assert bench.layer_options("bn", {}, 1, cfg) == {"momentum": 0.1, "eps": 1e-5, "per_gpu_batch": 1}
+    assert bench.layer_options("sn", {"use_bn": False}, 2, cfg) == {
+        "use_bn": False, "inference": "moving_average", "momentum": 0.1, "per_gpu_batch": 2}
     assert bench.layer_options("ln", {}, 2, cfg) == {}
     imagenet = bench.parse_args(["--device", "cpu", "--model", "resnet50"])
     assert imagenet.num_classes == 1000 and bench.model_config(imagenet).norm_groups == 32

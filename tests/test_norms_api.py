@@ -9,7 +9,7 @@ from torch import nn
 
 from normbench.norms import (NORM_NAMES, DynamicMomentShortcut, MomentShortcut, NormConfigError,
                              WSConv2d, build_norm, is_norm_layer, norm_layer, norm_options,
-                             reestimate_batch_average, switchable_importance, uses_batch_stats_in_training)
+                             reestimate_batch_average, switchable_importance, reads_running_stats_in_training)
 
 EXPECTED_NAMES = {"bn", "syncbn", "gn", "ln", "in", "sn", "pono", "brn", "frn", "evonorm_b0", "evonorm_s0", "none"}
 
@@ -71,7 +71,8 @@ def test_norm_layer_callable_tolerates_timm_kwargs():
     assert norm_layer("frn")(8).eps == 1e-6 and norm_layer("frn")(8, eps=1e-5).eps == 1e-5
     bn = norm_layer("bn", per_gpu_batch=4)(8, momentum=0.01)
     assert bn.momentum == 0.01 and bn.per_gpu_batch == 4
-    assert pickle.loads(pickle.dumps(f)) == f and "groups=4" in repr(f)
+    copy = pickle.loads(pickle.dumps(f))  # a plain functools.partial: picklable, timm re-binds its keywords
+    assert (copy.func, copy.keywords) == (f.func, f.keywords) and "groups=4" in repr(f)
     assert norm_layer("evonorm_b0", per_gpu_batch=2)(8, dtype=torch.float64).running_var.dtype == torch.float64
     assert norm_layer("brn")(8, device="cpu").num_batches_tracked.dtype == torch.long
 
@@ -84,10 +85,10 @@ def test_is_norm_layer_and_batch_stats_flag():
         assert is_norm_layer(m), type(m).__name__
     for m in (nn.Conv2d(3, 3, 1), nn.Linear(3, 3), WSConv2d(3, 3, 1), nn.ReLU(), MomentShortcut()):
         assert not is_norm_layer(m), type(m).__name__
-    assert uses_batch_stats_in_training(nn.Sequential(nn.Conv2d(3, 8, 1), build_norm("brn", 8)))
+    assert reads_running_stats_in_training(nn.Sequential(nn.Conv2d(3, 8, 1), build_norm("brn", 8)))
     for name in NORM_NAMES:
         if name != "brn":
-            assert not uses_batch_stats_in_training(nn.Sequential(build_norm(name, 64, **opts_for(name)))), name
+            assert not reads_running_stats_in_training(nn.Sequential(build_norm(name, 64, **opts_for(name)))), name
 
 
 def test_weight_bias_are_per_channel_parameters():
@@ -136,3 +137,24 @@ def test_timm_model_accepts_norm_layer():
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnet18", pretrained=False, num_classes=3, norm_layer=norm_layer("gn", groups=8))
     assert isinstance(model.bn1, nn.GroupNorm) and model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_options_and_their_defaults_come_from_each_layers_init():
+    """norm_layer gives a plain functools.partial (what timm's get_norm_layer unbinds and re-binds), and a
+    layer's accepted options are its __init__ parameters besides num_channels / device / dtype."""
+    import functools
+    import inspect
+
+    from timm.layers import get_norm_layer
+
+    f = norm_layer("sn", use_bn=False)
+    assert type(f) is functools.partial and f.keywords == {"norm_name": "sn", "use_bn": False}
+    rebound = get_norm_layer(f)
+    assert rebound.keywords == f.keywords and rebound(8).use_bn is False
+    from normbench.norms import NORM_CLASSES
+
+    for name, cls in NORM_CLASSES.items():
+        params = set(inspect.signature(cls.__init__).parameters) - {"self", "num_channels", "device", "dtype"}
+        assert norm_options(name) == params, name
+    with pytest.raises(NormConfigError, match=r"^sn: unknown option 'groups'; sn accepts eps, inference, momentum"):
+        NORM_CLASSES["sn"].check_options(groups=2)

@@ -1,4 +1,4 @@
-"""Per-GPU BatchNorm, SyncBN, Batch Renorm, EvoNorm-B0: float64 references written from papers.md section 3."""
+"""Per-GPU BatchNorm, SyncBN, Batch Renorm, EvoNorm-B0: float64 references written from docs/papers.md section 3."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Switchable Norm: float64 reference computing IN, LN and BN statistics directly (papers.md section 3)."""
+"""Switchable Norm: float64 reference computing IN, LN and BN statistics directly (docs/papers.md section 3)."""
 
 import warnings
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedule and weight-decay groups against the recipe (shared/papers.md section 2)."""
+"""Learning-rate schedule and weight-decay groups against the recipe (docs/papers.md section 2)."""
 from __future__ import annotations
 
 import math
@@ -28,7 +28,8 @@ def test_step_schedule_decays_at_epochs_30_60_90_of_100():
 
 
 def test_scheduler_steps_the_recipe_through_a_real_optimizer():
-    """100 epochs of 10 steps: lr 0.1 x (8 x 32) / 256, x0.1 entering epochs 30, 60 and 90 (papers.md)."""
+    """100 epochs of 10 steps: lr 0.1 x (8 x 32) / 256, x0.1 entering epochs 30, 60 and 90
+    (docs/papers.md section 2)."""
     cfg = OmegaConf.create({"base_lr": 0.1, "gpus": 8, "per_gpu_batch": 32, "reference_batch": 256,
                             "epochs": 100, "schedule": {**STEP, "warmup_epochs": 0},
                             "optim": {"momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,

@@ -1,6 +1,6 @@
 """Report generator on synthetic result.json files, checked against hand-computed numbers.
 
-Paper numbers are typed in here from /work/shared/papers.md section 1 (not read from normbench.papers),
+Paper numbers are typed in here from docs/papers.md section 1 (not read from normbench.papers),
 so a transcription slip in papers.py fails these tests.
 """
 
@@ -18,7 +18,7 @@ from normbench.report import EXPERIMENTS, build_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# papers.md, GN Table 2 (top-1 error %)
+# docs/papers.md section 1, GN Table 2 (top-1 error %)
 PAPER_T2 = {
     "BN": {"32": 23.6, "16": 23.7, "8": 24.8, "4": 27.3, "2": 34.7},
     "GN": {"32": 24.1, "16": 24.2, "8": 24.0, "4": 24.2, "2": 24.1},

@@ -104,3 +104,36 @@ def test_submitit_local_launcher_runs_the_sweep(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _summary(proc.stdout)["completed"] == 2
     assert sorted(json.loads(p.read_text())["norm"] for p in tmp_path.rglob("result.json")) == ["bn", "gn"]
+
+
+def _tree(root) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+def test_sweep_tells_run_k_of_n_and_a_dry_run_lists_states_without_writing(tmp_path):
+    first = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, "per_gpu_batch=8", f"results_dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert re.search(r"sweep gn_table2: run 1/2 completed; 1 of the 1 left to train, ETA \d+m\d\ds", first.stdout)
+    run_dirs = {json.loads(p.read_text())["norm"]: p.parent for p in tmp_path.rglob("result.json")}
+    (run_dirs["gn"] / "result.json").unlink()  # its checkpoint stays: a run to resume
+    before = _tree(tmp_path)
+    dry = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, "per_gpu_batch=8,4", "sweep.dry_run=true",
+              f"results_dir={tmp_path}")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    listed = dict(reversed(line.split()) for line in dry.stdout.splitlines() if line.startswith("  "))
+    assert listed[run_dirs["bn"].name] == "done" and listed[run_dirs["gn"].name] == "partial"
+    new = sorted(name for name, state in listed.items() if state == "new")
+    assert len(new) == 2 and all(re.fullmatch(r"cifar_resnet8-synthetic-(bn|gn)-4x4-s0-[0-9a-f]{10}", n) for n in new)
+    assert f"4 runs in {tmp_path}/gn_table2/: 1 done, 1 partial, 2 new; nothing trained" in dry.stdout
+    assert _tree(tmp_path) == before  # nothing trained, nothing written
+    forced = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, "per_gpu_batch=8", "sweep.dry_run=true", "force=true",
+                 f"results_dir={tmp_path}")
+    assert f"  redo     {run_dirs['bn'].name}" in forced.stdout  # force=true retrains a finished run
+
+
+@pytest.mark.slow
+def test_sweep_cfg_job_prints_the_composed_config():
+    proc = cli("sweep", "experiment=gn_table2", "preset=local", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "experiment: gn_table2" in proc.stdout and "train_subset: 4096" in proc.stdout

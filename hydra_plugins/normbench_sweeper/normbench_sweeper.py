@@ -6,20 +6,26 @@ concatenated (so tables whose cells are not a product, like the SN table, list t
 Command-line sweeps (`norm=bn,gn`) multiply the grid; a command-line value of a grid axis selects that slice
 (`per_gpu_batch=2` runs only that column). Runs are idempotent (see normbench.train): rerunning the sweep
 skips completed runs and resumes interrupted ones.
+
+`sweep.dry_run=true` lists the planned runs (run directory name and state: done / partial / new, or redo for
+a done run under force=true) and trains nothing. A sweep on the in-process launcher launches one run at a time
+and logs "run k/N" with an overall ETA; submitit launchers get the whole grid at once (one job array).
 """
 
 import itertools
 import logging
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger("normbench")
 
@@ -27,12 +33,11 @@ log = logging.getLogger("normbench")
 @dataclass
 class NormbenchSweeperConf:
     _target_: str = "hydra_plugins.normbench_sweeper.normbench_sweeper.NormbenchSweeper"
-    max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
+    max_batch_size: int | None = None
+    params: dict[str, str] | None = None
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="normbench", node=NormbenchSweeperConf,
-                             provider="normbench")
+ConfigStore.instance().store(group="hydra/sweeper", name="normbench", node=NormbenchSweeperConf, provider="normbench")
 
 
 def _format(value: Any) -> str:
@@ -67,7 +72,7 @@ def plan_jobs(base_jobs: list[list[str]], grid: list, seeds: list, allowed: dict
             if any(k in fixed and fixed[k] != v for k, v in cell.items()):
                 continue  # the command line selected another slice of this axis
             job = base + [f"{k}={v}" for k, v in cell.items() if k not in fixed]
-            for seed in ([None] if "seed" in fixed else seeds):
+            for seed in [None] if "seed" in fixed else seeds:
                 full = job + ([f"seed={seed}"] if seed is not None else [])
                 if tuple(full) not in seen:
                     seen.add(tuple(full))
@@ -75,34 +80,119 @@ def plan_jobs(base_jobs: list[list[str]], grid: list, seeds: list, allowed: dict
     return jobs
 
 
+def run_state(directory) -> str:
+    """done (a result that needs no more training: completed or diverged), partial (a checkpoint to resume
+    from) or new."""
+    from normbench import runs
+
+    result = runs.read_json(directory / "result.json")  # not runs.read_result: it moves damaged files aside
+    if isinstance(result, dict) and result.get("status") in runs.FINAL_STATUSES:
+        return "done"
+    return "partial" if (directory / "checkpoint.pt").exists() else "new"
+
+
+def _run_directory(config: dict):
+    """The run's directory as train() names it: the precision `fast.amp: auto` resolves to on this machine's
+    device is part of the run's hash (so a dry run on a CPU login node names the CPU runs)."""
+    from normbench import runs
+    from normbench.train import fast_settings, resolve_device
+
+    fast = fast_settings(config, resolve_device(config["device"]))
+    config["fast"].update(amp=fast["amp"], channels_last=fast["channels_last"])
+    return runs.run_dir(config)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 class NormbenchSweeper(BasicSweeper):
-    def sweep(self, arguments: List[str]) -> Any:
+    def _plan_states(self, jobs: list[list[str]]) -> list[tuple[str, str]]:
+        """(run directory name, state) of every job. Composing each job's config is also the check that every
+        run is legal before any trains (what BasicSweeper.validate_batch_is_legal does)."""
+        from omegaconf.errors import OmegaConfBaseException
+
+        planned = []
+        for job in jobs:
+            cfg = self.hydra_context.config_loader.load_sweep_config(master_config=self.config, sweep_overrides=job)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            try:
+                directory = _run_directory(OmegaConf.to_container(cfg, resolve=True))
+            except (OmegaConfBaseException, ValueError) as err:  # a bad interpolation, device=cuda without a GPU:
+                planned.append((" ".join(job), f"bad config: {str(err).splitlines()[0]}"))  # the run fails on it
+                continue
+            state = run_state(directory)
+            if state == "done" and cfg.get("force"):
+                state = "redo"  # force=true: the finished run is set aside and trained again
+            planned.append((directory.name, state))
+        return planned
+
+    def sweep(self, arguments: list[str]) -> Any:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         base_jobs = self.split_arguments(overrides, None)[0]
         sweep_cfg = OmegaConf.to_container(self.config.sweep, resolve=True)
-        jobs = plan_jobs(base_jobs, sweep_cfg.get("grid") or [], sweep_cfg.get("seeds") or [0],
-                         sweep_cfg.get("allowed"))
+        jobs = plan_jobs(
+            base_jobs, sweep_cfg.get("grid") or [], sweep_cfg.get("seeds") or [0], sweep_cfg.get("allowed")
+        )
         experiment = self.config.experiment
-        log.info("sweep %s: %d runs", experiment, len(jobs))
-        self.validate_batch_is_legal(jobs)  # every run's config composes before any trains
+        planned = self._plan_states(jobs)
+        states = Counter(state if state in ("done", "redo", "partial", "new") else "bad config" for _, state in planned)
+        order = ["done", "partial", "new"] + [k for k in ("redo", "bad config") if states[k]]
+        counts = ", ".join(f"{states[k]} {k}" for k in order)
+        if sweep_cfg.get("dry_run"):
+            for name, state in planned:
+                print(f"  {state:<8} {name}", flush=True)
+            print(
+                f"sweep {experiment} (dry run): {len(jobs)} runs in {self.config.results_dir}/{experiment}/: "
+                f"{counts}; nothing trained",
+                flush=True,
+            )
+            return states
+        log.info("sweep %s: %d runs (%s)", experiment, len(jobs), counts)
         outcomes: Counter = Counter()
         failures = []
-        batch = self.max_batch_size or len(jobs)
+        # In process: one run per launch, so that progress is told between runs. A submitit launcher gets the
+        # whole grid at once (one job array).
+        in_process = isinstance(self.launcher, BasicLauncher)
+        batch = self.max_batch_size or (1 if in_process else len(jobs))
+        trained_seconds, trained = 0.0, 0
         for start in range(0, len(jobs), batch):
-            for job, ret in zip(jobs[start:start + batch],
-                                self.launcher.launch(jobs[start:start + batch], initial_job_idx=start)):
+            launched = time.perf_counter()
+            returns = self.launcher.launch(jobs[start : start + batch], initial_job_idx=start)
+            elapsed = time.perf_counter() - launched
+            trained_here = 0
+            for job, ret in zip(jobs[start : start + batch], returns):
                 if ret.status == JobStatus.COMPLETED and isinstance(ret._return_value, dict):
-                    outcomes[ret._return_value.get("outcome", "completed")] += 1
+                    outcome = ret._return_value.get("outcome", "completed")
                 else:
-                    outcomes["failed"] += 1
+                    outcome = "failed"
                     failures.append(f"  {' '.join(job)}: {ret._return_value}")
+                outcomes[outcome] += 1
+                trained_here += outcome not in ("skipped", "busy")
+            if trained_here:  # skipped runs take no time: the ETA extrapolates from runs that trained
+                trained_seconds, trained = trained_seconds + elapsed, trained + trained_here
+            finished = start + len(returns)
+            if in_process and finished < len(jobs):
+                to_train = sum(state != "done" for _, state in planned[finished:])
+                eta = _duration(trained_seconds / trained * to_train) if trained else "unknown"
+                print(
+                    f"sweep {experiment}: run {finished}/{len(jobs)} {outcome}; {to_train} of the "
+                    f"{len(jobs) - finished} left to train, ETA {eta}",
+                    flush=True,
+                )
         order = ["completed", "skipped", "resumed", "diverged", "busy", "interrupted", "failed"]
         summary = ", ".join(f"{outcomes[k]} {k}" for k in order)
         print(f"sweep {experiment}: {len(jobs)} runs: {summary}", flush=True)
         if outcomes["busy"]:
-            print(f"  {outcomes['busy']} run(s) were being trained by another process; rerun the sweep later "
-                  "to pick up any it did not finish", flush=True)
+            print(
+                f"  {outcomes['busy']} run(s) were being trained by another process; rerun the sweep later "
+                "to pick up any it did not finish",
+                flush=True,
+            )
         if failures:
             print("failed runs:\n" + "\n".join(failures), file=sys.stderr, flush=True)
             sys.exit(1)

@@ -1,18 +1,20 @@
 """Models built by name, every norm layer coming from one `norm_layer(num_channels)` callable.
 
-`build_model` applies the papers' recipe (shared/papers.md section 2) to every model: He (fan_out) init for
+`build_model` applies the papers' recipe (docs/papers.md section 2) to every model: He (fan_out) init for
 convolutions, fc ~ N(0, 0.01), gamma = 1 everywhere except the last norm layer of each residual block
 (gamma = 0 when `zero_init_last_gamma`), optionally PONO + Moment Shortcut in every residual block
 (`pono_ms`, normbench/models/pono_ms.py) and Weight Standardization on every convolution.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
-from normbench.models.cifar_resnet import BasicBlock as CifarBasicBlock, CifarResNet
+from normbench.models.cifar_resnet import BasicBlock as CifarBasicBlock
+from normbench.models.cifar_resnet import CifarResNet
 from normbench.models.pono_ms import add_pono_ms
+from normbench.norms import convert_to_ws, is_norm_layer
 
 MODEL_NAMES = ("resnet50", "resnet18", "cifar_resnet", "timm")
 
@@ -39,21 +41,27 @@ def _timm_model(timm_name: str, norm_layer, num_classes: int, in_channels: int) 
         raise ValueError(f"model=timm: {err}; list names with timm.list_models()") from None
 
 
-def last_block_norms(model: nn.Module) -> list[nn.Module]:
-    """The last norm layer of every residual block (zero-init candidates): torchvision's and ours by name,
-    timm's via its own convention (bn3 / bn2 of Bottleneck / BasicBlock)."""
-    found = []
+def zero_init_last_norms(model: nn.Module) -> int:
+    """Zero the gamma of every residual block's last norm layer; returns how many blocks did. Blocks that know
+    their last norm say so themselves (timm's and ours: ``zero_init_last()``); torchvision's Bottleneck and
+    BasicBlock end with bn3 and bn2."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    blocks = 0
     for module in model.modules():
-        for attr in ("bn3", "bn2"):  # Bottleneck's last is bn3, BasicBlock's is bn2
-            norm = getattr(module, attr, None)
-            if isinstance(norm, nn.Module) and hasattr(module, "conv1"):
-                found.append(norm)
-                break
-    return found
+        if callable(getattr(module, "zero_init_last", None)):
+            module.zero_init_last()
+        elif isinstance(module, (Bottleneck, BasicBlock)):
+            last = module.bn3 if isinstance(module, Bottleneck) else module.bn2
+            if isinstance(getattr(last, "weight", None), nn.Parameter):
+                nn.init.zeros_(last.weight)
+        else:
+            continue
+        blocks += 1
+    return blocks
 
 
 def init_weights(model: nn.Module, zero_init_last_gamma: bool) -> None:
-    from normbench.norms import is_norm_layer
 
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -69,25 +77,7 @@ def init_weights(model: nn.Module, zero_init_last_gamma: bool) -> None:
             if isinstance(getattr(module, "bias", None), nn.Parameter):
                 nn.init.zeros_(module.bias)
     if zero_init_last_gamma:
-        for norm in last_block_norms(model):
-            if isinstance(getattr(norm, "weight", None), nn.Parameter):
-                nn.init.zeros_(norm.weight)
-
-
-def standardize_convolutions(model: nn.Module) -> nn.Module:
-    """Swap every nn.Conv2d for a WSConv2d holding the same parameters (Weight Standardization)."""
-    from normbench.norms import WSConv2d
-
-    for name, child in model.named_children():
-        if type(child) is nn.Conv2d:
-            ws = WSConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                          child.dilation, child.groups, child.bias is not None, child.padding_mode)
-            ws.weight = child.weight
-            ws.bias = child.bias
-            setattr(model, name, ws)
-        else:
-            standardize_convolutions(child)
-    return model
+        zero_init_last_norms(model)
 
 
 def build_model(cfg, norm_layer: Callable[[int], nn.Module], num_classes: int, in_channels: int) -> nn.Module:
@@ -105,8 +95,8 @@ def build_model(cfg, norm_layer: Callable[[int], nn.Module], num_classes: int, i
     if cfg.get("pono_ms", False):  # the key exists only where configs/norm/pono_ms.yaml (or +model.pono_ms) sets it
         add_pono_ms(model)
     if cfg.weight_standardization:
-        standardize_convolutions(model)
+        convert_to_ws(model)
     return model
 
 
-__all__ = ["build_model", "CifarResNet", "CifarBasicBlock", "MODEL_NAMES", "last_block_norms", "add_pono_ms"]
+__all__ = ["build_model", "CifarResNet", "CifarBasicBlock", "MODEL_NAMES", "zero_init_last_norms", "add_pono_ms"]

@@ -5,27 +5,32 @@ under study sits on every path, as in the ImageNet ResNets.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-NormLayer = Callable[[int], nn.Module]
+NormFactory = Callable[[int], nn.Module]  # norm_layer(num_channels) -> the block's norm layer
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm_layer: NormFactory):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = norm_layer(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = norm_layer(out_channels)  # the block's last norm: gamma zero-initialized by the builder
+        self.bn2 = norm_layer(out_channels)  # the block's last norm (zero_init_last)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), norm_layer(out_channels)
             )
+
+    def zero_init_last(self) -> None:
+        """gamma = 0 in the block's last norm layer (the papers' recipe; timm's blocks have the same method)."""
+        if isinstance(getattr(self.bn2, "weight", None), nn.Parameter):
+            nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -35,7 +40,7 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, norm_layer: NormLayer, num_classes: int = 10, in_channels: int = 3,
+    def __init__(self, depth: int, norm_layer: NormFactory, num_classes: int = 10, in_channels: int = 3,
                  width: int = 16):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:

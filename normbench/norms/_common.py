@@ -6,6 +6,7 @@ is ONE line naming the layer, the offending numbers and the fix.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 
 import torch
@@ -32,16 +33,50 @@ class NormConfigError(ValueError):
         super().__init__(" ".join(str(message).split()))  # guarantee a single line
 
 
+# __init__ parameters that are not options of the layer
+_NOT_OPTIONS = frozenset({"self", "num_channels", "device", "dtype"})
+
+
 class NormLayer:
-    """Marker mixin for every layer built by :func:`normbench.norms.build_norm`.
+    """Mixin of every layer built by :func:`normbench.norms.build_norm`.
 
     ``is_norm_layer`` recognizes it (weight-decay grouping); ``reads_running_stats_in_training`` is True for
     layers whose training forward reads running statistics (Batch Renorm), which then need their buffers
     synchronized across DDP ranks every step.
+
+    A layer's options and their defaults are written once, in its ``__init__`` signature; ``option_names`` and
+    ``check_options`` read them from there, and the layer's ``_check`` validates a full set of values.
     """
 
     norm_name: str = "norm"
     reads_running_stats_in_training: bool = False
+
+    @classmethod
+    def _option_defaults(cls) -> dict:
+        params = inspect.signature(cls.__init__).parameters
+        return {k: p.default for k, p in params.items()
+                if k not in _NOT_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The options ``__init__`` takes besides ``num_channels``, ``device`` and ``dtype``."""
+        return frozenset(cls._option_defaults())
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """Raise :class:`NormConfigError` for an option the layer does not take or a value it cannot use
+        (checks that need the channel count run when the layer is built)."""
+        defaults = cls._option_defaults()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            accepts = ", ".join(sorted(defaults)) if defaults else "no options"
+            raise NormConfigError(f"{cls.norm_name}: unknown option{'s' if len(unknown) > 1 else ''} "
+                                  f"{', '.join(map(repr, unknown))}; {cls.norm_name} accepts {accepts}")
+        cls._check(**{**defaults, **options})
+
+    @classmethod
+    def _check(cls, **values) -> None:
+        """Validate every option's value (all given); layers with options override it."""
 
 
 def _is_int(v) -> bool:
@@ -150,11 +185,8 @@ def gpu_view(x: Tensor, k: int, n: int) -> Tensor:
 
 
 def stats_dtype(x: Tensor) -> torch.dtype:
+    """float32 statistics for half-precision input; float32 / float64 input keeps its own."""
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def factory_kwargs(device=None, dtype=None) -> dict:
-    return {"device": device, "dtype": dtype}
 
 
 def add_affine(module: nn.Module, num_channels: int, device=None, dtype=None) -> None:

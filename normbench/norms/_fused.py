@@ -20,7 +20,7 @@ Batch Renorm (statistics per (GPU, c) on an ``(n, k, C, H, W)`` view), FRN (mean
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -128,7 +128,7 @@ class _StatsAffine(torch.autograd.Function):
                 grad_x = grad_x.to(x.dtype)
         out = [grad_x, None, None, None, None]
         it = iter(grads[2:])
-        for p, nd in zip(params, needs):
+        for nd in needs:
             out.append(next(it) if nd else None)
         return tuple(out)
 

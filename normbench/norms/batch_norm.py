@@ -16,7 +16,7 @@ Running statistics (state this in every report): each GPU would apply the usual 
 the layer stores the **average over the k GPUs of those updates**, i.e.
 ``running = (1 - momentum) * running + momentum * mean_k(stat_gpu)``. This is what DDP with per-GPU BN
 would hold if running statistics were averaged across ranks (rather than broadcast from rank 0, trap 3 in
-papers.md). Eval uses the running statistics.
+docs/papers.md section 4). Eval uses the running statistics.
 
 Deliberately NOT a subclass of ``nn.modules.batchnorm._BatchNorm``: ``nn.SyncBatchNorm.convert_sync_batchnorm``
 leaves it alone, so a generic DDP "sync BN" preset cannot silently turn per-GPU BN into SyncBN (use ``syncbn``
@@ -29,8 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormLayer, check_batch_options, check_channels, check_input, check_momentum, check_eps,
-                      gpu_view, init_batch_layer, split_gpus)
+from ._common import (
+    NormLayer,
+    check_batch_options,
+    check_channels,
+    check_eps,
+    check_input,
+    check_momentum,
+    gpu_view,
+    init_batch_layer,
+    split_gpus,
+)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["PerGPUBatchNorm2d", "SyncBatchNorm2d", "chunked_batch_norm"]
@@ -87,14 +96,14 @@ class PerGPUBatchNorm2d(NormLayer, nn.Module):
 
     norm_name = "bn"
 
-    @staticmethod
-    def check_options(per_gpu_batch=None, momentum=0.1, eps=1e-5, _layer="bn"):
-        check_batch_options(_layer, per_gpu_batch, momentum, eps)
+    @classmethod
+    def _check(cls, per_gpu_batch, momentum, eps):
+        check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
 
     def __init__(self, num_channels: int, per_gpu_batch: int | None = None, momentum: float = 0.1,
                  eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
-        self.check_options(per_gpu_batch, momentum, eps, _layer=self.norm_name)
+        self._check(per_gpu_batch, momentum, eps)
         init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype)
 
     def reset_running_stats(self) -> None:
@@ -124,12 +133,12 @@ class SyncBatchNorm2d(NormLayer, nn.BatchNorm2d):
 
     norm_name = "syncbn"
 
-    @staticmethod
-    def check_options(momentum=0.1, eps=1e-5, _layer="syncbn"):
-        check_momentum(_layer, momentum)
-        check_eps(_layer, eps)
+    @classmethod
+    def _check(cls, momentum, eps):
+        check_momentum(cls.norm_name, momentum)
+        check_eps(cls.norm_name, eps)
 
     def __init__(self, num_channels: int, momentum: float = 0.1, eps: float = 1e-5, device=None, dtype=None):
-        self.check_options(momentum, eps)
+        self._check(momentum, eps)
         super().__init__(check_channels(self.norm_name, num_channels), eps=eps, momentum=momentum,
                          device=device, dtype=dtype)

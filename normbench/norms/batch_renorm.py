@@ -19,7 +19,7 @@ Options (fixed clip values OR a schedule; the names are normbench's):
 first one) and the schedule is evaluated with tensor ops (no ``.item()``, no host sync).
 
 The training forward READS running statistics, so under DDP the trainer must keep buffers identical across
-ranks every step (``uses_batch_stats_in_training`` reports it).
+ranks every step (``reads_running_stats_in_training`` reports it).
 """
 
 from __future__ import annotations
@@ -28,8 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormConfigError, NormLayer, check_batch_options, check_bool, check_float, check_input,
-                      check_int, init_batch_layer, split_gpus, gpu_view)
+from ._common import (
+    NormConfigError,
+    NormLayer,
+    check_batch_options,
+    check_bool,
+    check_float,
+    check_input,
+    check_int,
+    gpu_view,
+    init_batch_layer,
+    split_gpus,
+)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["BatchRenorm2d"]
@@ -48,10 +58,10 @@ class BatchRenorm2d(NormLayer, nn.Module):
     norm_name = "brn"
     reads_running_stats_in_training = True
 
-    @staticmethod
-    def check_options(rmax=None, dmax=None, schedule=False, warmup_steps=5000, rmax_max=3.0, rmax_steps=40000,
-                      dmax_max=5.0, dmax_steps=25000, per_gpu_batch=None, momentum=0.1, eps=1e-5, _layer="brn"):
-        L = _layer
+    @classmethod
+    def _check(cls, rmax, dmax, schedule, warmup_steps, rmax_max, rmax_steps, dmax_max, dmax_steps, per_gpu_batch,
+               momentum, eps):
+        L = cls.norm_name
         check_float(L, "rmax", rmax, low=1.0, allow_none=True)
         check_float(L, "dmax", dmax, low=0.0, allow_none=True)
         check_bool(L, "schedule", schedule)
@@ -75,8 +85,8 @@ class BatchRenorm2d(NormLayer, nn.Module):
                  dmax_max: float = 5.0, dmax_steps: int = 25000, per_gpu_batch: int | None = None,
                  momentum: float = 0.1, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
-        self.check_options(rmax, dmax, schedule, warmup_steps, rmax_max, rmax_steps, dmax_max, dmax_steps,
-                           per_gpu_batch, momentum, eps)
+        self._check(rmax, dmax, schedule, warmup_steps, rmax_max, rmax_steps, dmax_max, dmax_steps, per_gpu_batch,
+                    momentum, eps)
         init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype)
         self.schedule = schedule
         self.rmax = 1.5 if rmax is None else float(rmax)
@@ -90,7 +100,8 @@ class BatchRenorm2d(NormLayer, nn.Module):
                     f"dmax 0->{self.dmax_max} by {self.dmax_steps}")
         else:
             clip = f"rmax={self.rmax}, dmax={self.dmax}"
-        return f"{self.num_channels}, {clip}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"
+        return (f"{self.num_channels}, {clip}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, "
+                f"eps={self.eps}")
 
     def current_limits(self):
         """(rmax, dmax) for the next training step: floats (fixed) or 0-dim tensors (schedule)."""

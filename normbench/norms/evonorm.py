@@ -13,8 +13,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import (NormLayer, add_affine, check_batch_options, check_channels, check_eps, check_input,
-                      check_int, init_batch_layer, split_gpus, gpu_view)
+from ._common import (
+    NormLayer,
+    add_affine,
+    check_batch_options,
+    check_channels,
+    check_eps,
+    check_input,
+    check_int,
+    gpu_view,
+    init_batch_layer,
+    split_gpus,
+)
 from .group_norm import resolve_groups
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dS0"]
@@ -25,14 +35,14 @@ class EvoNorm2dB0(NormLayer, nn.Module):
 
     norm_name = "evonorm_b0"
 
-    @staticmethod
-    def check_options(per_gpu_batch=None, momentum=0.1, eps=1e-5, _layer="evonorm_b0"):
-        check_batch_options(_layer, per_gpu_batch, momentum, eps)
+    @classmethod
+    def _check(cls, per_gpu_batch, momentum, eps):
+        check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
 
     def __init__(self, num_channels: int, per_gpu_batch: int | None = None, momentum: float = 0.1,
                  eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
-        self.check_options(per_gpu_batch, momentum, eps)
+        self._check(per_gpu_batch, momentum, eps)
         fk = init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype, running_mean=False)
         self.v = nn.Parameter(torch.ones(num_channels, **fk))
 
@@ -69,14 +79,14 @@ class EvoNorm2dS0(NormLayer, nn.Module):
 
     norm_name = "evonorm_s0"
 
-    @staticmethod
-    def check_options(groups=32, eps=1e-5, _layer="evonorm_s0"):
-        check_int(_layer, "groups", groups, minimum=1)
-        check_eps(_layer, eps)
+    @classmethod
+    def _check(cls, groups, eps):
+        check_int(cls.norm_name, "groups", groups, minimum=1)
+        check_eps(cls.norm_name, eps)
 
     def __init__(self, num_channels: int, groups: int = 32, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
-        self.check_options(groups, eps)
+        self._check(groups, eps)
         self.num_channels = self.num_features = check_channels(self.norm_name, num_channels)
         self.groups = resolve_groups(self.norm_name, self.num_channels, groups, None)
         self.eps = float(eps)

@@ -7,8 +7,7 @@ layer, numbers, fix). Checks that need the channel count (groups dividing C, ...
 from __future__ import annotations
 
 import functools
-import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -22,8 +21,7 @@ from .identity import NoNorm
 from .positional_norm import PositionalNorm
 from .switchable_norm import SwitchableNorm2d
 
-__all__ = ["build_norm", "norm_layer", "norm_options", "NORM_NAMES", "NORM_CLASSES", "NormLayerFactory",
-           "create_norm_layer"]
+__all__ = ["build_norm", "norm_layer", "norm_options", "NORM_NAMES", "NORM_CLASSES", "make_norm"]
 
 NORM_CLASSES: dict[str, type] = {
     "bn": PerGPUBatchNorm2d,
@@ -45,14 +43,6 @@ NORM_NAMES: tuple[str, ...] = tuple(NORM_CLASSES)
 _CALL_EXTRAS = frozenset({"eps", "affine", "device", "dtype"})
 
 
-def _options_of(cls) -> frozenset[str]:
-    params = inspect.signature(cls.check_options).parameters
-    return frozenset(p for p in params if not p.startswith("_"))
-
-
-_OPTIONS: dict[str, frozenset[str]] = {name: _options_of(cls) for name, cls in NORM_CLASSES.items()}
-
-
 def _cls(name) -> type:
     if not isinstance(name, str) or name not in NORM_CLASSES:
         raise NormConfigError(f"unknown norm {name!r}; choose one of {', '.join(NORM_NAMES)}")
@@ -61,34 +51,23 @@ def _cls(name) -> type:
 
 def norm_options(name: str) -> frozenset[str]:
     """Option names the layer ``name`` accepts (e.g. the trainer passes ``per_gpu_batch`` only where accepted)."""
-    _cls(name)
-    return _OPTIONS[name]
-
-
-def _validate(name: str, options: dict) -> None:
-    cls = _cls(name)
-    allowed = _OPTIONS[name]
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        accepts = ", ".join(sorted(allowed)) if allowed else "no options"
-        raise NormConfigError(f"{name}: unknown option{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))}; {name} accepts {accepts}")
-    cls.check_options(**options)
+    return _cls(name).option_names()
 
 
 def build_norm(name: str, num_channels: int, **options) -> nn.Module:
     """The layer ``name`` for ``num_channels`` channels with ``options`` (see ``norm_options(name)``)."""
-    _validate(name, options)
-    return NORM_CLASSES[name](num_channels, **options)
+    cls = _cls(name)
+    cls.check_options(**options)
+    return cls(num_channels, **options)
 
 
-def create_norm_layer(num_channels: int | None = None, /, *, _norm_name: str, **kwargs) -> nn.Module:
-    """Body of the ``norm_layer`` callable: ``kwargs`` = the layer's options plus what timm/torchvision pass to
-    norm layers: ``num_features``/``num_channels`` (channel count by keyword), ``eps`` (ignored by ``none``),
+def make_norm(num_channels: int | None = None, /, *, norm_name: str, **kwargs) -> nn.Module:
+    """What the ``norm_layer`` callable calls: ``kwargs`` = the layer's options plus what timm/torchvision pass
+    to norm layers: ``num_features``/``num_channels`` (channel count by keyword), ``eps`` (ignored by ``none``),
     ``affine`` (True accepted; False only where the layer has an ``affine`` option, i.e. ``pono``), ``device``,
     ``dtype``. Anything else raises NormConfigError."""
-    name = _norm_name
-    _cls(name)
+    name = norm_name
+    allowed = norm_options(name)
     for alias in ("num_features", "num_channels"):
         if alias in kwargs:
             if num_channels is not None:
@@ -97,7 +76,6 @@ def create_norm_layer(num_channels: int | None = None, /, *, _norm_name: str, **
             num_channels = kwargs.pop(alias)
     if num_channels is None and name != "none":
         raise NormConfigError(f"{name}: norm_layer called without a channel count")
-    allowed = _OPTIONS[name]
     unknown = sorted(set(kwargs) - allowed - _CALL_EXTRAS)
     if unknown:
         raise NormConfigError(f"{name}: unexpected argument{'s' if len(unknown) > 1 else ''} "
@@ -117,46 +95,9 @@ def create_norm_layer(num_channels: int | None = None, /, *, _norm_name: str, **
     return layer
 
 
-def _rebuild_factory(name: str, options: dict) -> "NormLayerFactory":
-    return NormLayerFactory(name, **options)
-
-
-class NormLayerFactory(functools.partial):
-    """The ``norm_layer`` callable: ``factory(num_channels, **extra) -> nn.Module`` (see ``create_norm_layer``).
-
-    A keyword-only ``functools.partial`` of :func:`create_norm_layer`, so timm's ``get_norm_layer`` (which
-    accepts only types / functions / partials and re-binds a partial's keywords) takes it as is. Options are
-    validated when the factory is created.
-    """
-
-    def __new__(cls, name: str, **options):
-        _validate(name, options)
-        return super().__new__(cls, create_norm_layer, _norm_name=name, **options)
-
-    @property
-    def name(self) -> str:
-        return self.keywords["_norm_name"]
-
-    @property
-    def options(self) -> dict:
-        return {k: v for k, v in self.keywords.items() if k != "_norm_name"}
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"norm_layer({self.name!r}{', ' + opts if opts else ''})"
-
-    def __reduce__(self):
-        return _rebuild_factory, (self.name, self.options)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, NormLayerFactory) and (self.name, self.options) == (other.name, other.options)
-
-    def __hash__(self) -> int:
-        return hash((self.name, tuple(sorted((k, repr(v)) for k, v in self.options.items()))))
-
-
 def norm_layer(name: str, **options) -> Callable[..., nn.Module]:
-    """Validate ``options`` now; return a callable ``(num_channels, **extra) -> nn.Module`` usable as
-    torchvision's / timm's ``norm_layer``."""
-    return NormLayerFactory(name, **options)
-
+    """Validate ``options`` now; return ``functools.partial(make_norm, norm_name=name, **options)``, a callable
+    ``(num_channels, **extra) -> nn.Module`` usable as torchvision's / timm's ``norm_layer`` (timm's
+    ``get_norm_layer`` takes partials and re-binds their keywords)."""
+    _cls(name).check_options(**options)
+    return functools.partial(make_norm, norm_name=name, **options)

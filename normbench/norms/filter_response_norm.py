@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import add_affine, NormLayer, check_bool, check_channels, check_eps, check_input
+from ._common import NormLayer, add_affine, check_bool, check_channels, check_eps, check_input
 from ._fused import stats_affine
 
 __all__ = ["FilterResponseNorm2d"]
@@ -30,14 +30,14 @@ class FilterResponseNorm2d(NormLayer, nn.Module):
 
     norm_name = "frn"
 
-    @staticmethod
-    def check_options(eps=1e-6, learnable_eps=False, _layer="frn"):
-        check_eps(_layer, eps)
-        check_bool(_layer, "learnable_eps", learnable_eps)
+    @classmethod
+    def _check(cls, eps, learnable_eps):
+        check_eps(cls.norm_name, eps)
+        check_bool(cls.norm_name, "learnable_eps", learnable_eps)
 
     def __init__(self, num_channels: int, eps: float = 1e-6, learnable_eps: bool = False, device=None, dtype=None):
         super().__init__()
-        self.check_options(eps, learnable_eps)
+        self._check(eps, learnable_eps)
         self.num_channels = self.num_features = check_channels(self.norm_name, num_channels)
         self.eps = float(eps)
         fk = {"device": device, "dtype": dtype}

@@ -46,23 +46,27 @@ def _keep_format(x: Tensor, y: Tensor) -> Tensor:
     return y
 
 
+def _check_groups(layer: str, groups, channels_per_group, eps) -> None:
+    check_int(layer, "groups", groups, minimum=1, allow_none=True)
+    check_int(layer, "channels_per_group", channels_per_group, minimum=1, allow_none=True)
+    if groups is not None and channels_per_group is not None:
+        raise NormConfigError(
+            f"{layer}: both groups={groups} and channels_per_group={channels_per_group} are set; set only one")
+    check_eps(layer, eps)
+
+
 class GroupNorm(NormLayer, nn.GroupNorm):
     """``gn``: GroupNorm with exactly one of ``groups`` / ``channels_per_group`` (both None -> groups=32)."""
 
     norm_name = "gn"
 
-    @staticmethod
-    def check_options(groups=None, channels_per_group=None, eps=1e-5, _layer="gn"):
-        check_int(_layer, "groups", groups, minimum=1, allow_none=True)
-        check_int(_layer, "channels_per_group", channels_per_group, minimum=1, allow_none=True)
-        if groups is not None and channels_per_group is not None:
-            raise NormConfigError(
-                f"{_layer}: both groups={groups} and channels_per_group={channels_per_group} are set; set only one")
-        check_eps(_layer, eps)
+    @classmethod
+    def _check(cls, groups, channels_per_group, eps):
+        _check_groups(cls.norm_name, groups, channels_per_group, eps)
 
     def __init__(self, num_channels: int, groups: int | None = None, channels_per_group: int | None = None,
                  eps: float = 1e-5, device=None, dtype=None):
-        GroupNorm.check_options(groups, channels_per_group, eps, _layer=self.norm_name)
+        _check_groups(self.norm_name, groups, channels_per_group, eps)  # ln / in name themselves
         num_channels = check_channels(self.norm_name, num_channels)
         g = resolve_groups(self.norm_name, num_channels, groups, channels_per_group)
         super().__init__(g, num_channels, eps=eps, affine=True, device=device, dtype=dtype)
@@ -83,9 +87,9 @@ class LayerNormGN(GroupNorm):
 
     norm_name = "ln"
 
-    @staticmethod
-    def check_options(eps=1e-5, _layer="ln"):
-        check_eps(_layer, eps)
+    @classmethod
+    def _check(cls, eps):
+        check_eps(cls.norm_name, eps)
 
     def __init__(self, num_channels: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__(num_channels, groups=1, eps=eps, device=device, dtype=dtype)
@@ -96,9 +100,9 @@ class InstanceNormGN(GroupNorm):
 
     norm_name = "in"
 
-    @staticmethod
-    def check_options(eps=1e-5, _layer="in"):
-        check_eps(_layer, eps)
+    @classmethod
+    def _check(cls, eps):
+        check_eps(cls.norm_name, eps)
 
     def __init__(self, num_channels: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__(num_channels, channels_per_group=1, eps=eps, device=device, dtype=dtype)

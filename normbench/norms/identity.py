@@ -16,10 +16,6 @@ __all__ = ["NoNorm"]
 class NoNorm(NormLayer, nn.Identity):
     norm_name = "none"
 
-    @staticmethod
-    def check_options(_layer="none"):
-        return None
-
     def __init__(self, num_channels: int | None = None, device=None, dtype=None):
         super().__init__()
         self.num_channels = None if num_channels is None else check_channels(self.norm_name, num_channels)

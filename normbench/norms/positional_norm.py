@@ -17,8 +17,16 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._common import (add_affine, NormConfigError, NormLayer, check_bool, check_channels, check_eps,
-                      check_input, check_int)
+from ._common import (
+    NormConfigError,
+    NormLayer,
+    add_affine,
+    check_bool,
+    check_channels,
+    check_eps,
+    check_input,
+    check_int,
+)
 
 __all__ = ["PositionalNorm", "MomentShortcut", "DynamicMomentShortcut"]
 
@@ -88,16 +96,16 @@ class PositionalNorm(NormLayer, nn.Module):
 
     norm_name = "pono"
 
-    @staticmethod
-    def check_options(affine=True, eps=1e-5, return_moments=False, _layer="pono"):
-        check_bool(_layer, "affine", affine)
-        check_eps(_layer, eps)
-        check_bool(_layer, "return_moments", return_moments)
+    @classmethod
+    def _check(cls, affine, eps, return_moments):
+        check_bool(cls.norm_name, "affine", affine)
+        check_eps(cls.norm_name, eps)
+        check_bool(cls.norm_name, "return_moments", return_moments)
 
     def __init__(self, num_channels: int, affine: bool = True, eps: float = 1e-5, return_moments: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        self.check_options(affine, eps, return_moments)
+        self._check(affine, eps, return_moments)
         num_channels = check_channels(self.norm_name, num_channels)
         if num_channels < 2:
             raise NormConfigError(

@@ -7,7 +7,7 @@
 Six control logits (``mean_weight[3]``, ``var_weight[3]``, order in/ln/bn), all initialized to 1.
 
 Statistics are computed ONCE per (sample, channel) -- one reduction over (H, W) -- and LN's and BN's are
-derived from IN's (papers.md section 3):
+derived from IN's (docs/papers.md section 3):
     m_ln = mean_c m_in,   v_ln = mean_c (v_in + m_in^2) - m_ln^2
     m_bn = mean_n m_in,   v_bn = mean_n (v_in + m_in^2) - m_bn^2     (per emulated GPU of per_gpu_batch images)
 followed by a single fused normalize ``y = x * A + B`` with a custom backward (see ``_fused.py``).
@@ -34,14 +34,21 @@ required with ``per_gpu_batch=1`` (BN over one image equals IN).
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (NormConfigError, NormLayer, check_batch_options, check_bool, check_choice, check_input,
-                      init_batch_layer, split_gpus)
+from ._common import (
+    NormConfigError,
+    NormLayer,
+    check_batch_options,
+    check_bool,
+    check_choice,
+    check_input,
+    init_batch_layer,
+    split_gpus,
+)
 from ._fused import stats_affine, var_mean
 
 __all__ = ["SwitchableNorm2d", "switchable_importance", "reestimate_batch_average"]
@@ -91,22 +98,21 @@ class SwitchableNorm2d(NormLayer, nn.Module):
 
     norm_name = "sn"
 
-    @staticmethod
-    def check_options(per_gpu_batch=None, use_bn=True, inference="moving_average", momentum=0.1, eps=1e-5,
-                      _layer="sn"):
-        check_batch_options(_layer, per_gpu_batch, momentum, eps)
-        check_bool(_layer, "use_bn", use_bn)
-        check_choice(_layer, "inference", inference, INFERENCE_MODES)
+    @classmethod
+    def _check(cls, per_gpu_batch, use_bn, inference, momentum, eps):
+        check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
+        check_bool(cls.norm_name, "use_bn", use_bn)
+        check_choice(cls.norm_name, "inference", inference, INFERENCE_MODES)
         if use_bn and per_gpu_batch == 1:
             raise NormConfigError(
-                f"{_layer}: use_bn=true with per_gpu_batch=1 makes the BN statistics equal IN's (one image per "
+                f"{cls.norm_name}: use_bn=true with per_gpu_batch=1 makes the BN statistics equal IN's (one image per "
                 f"GPU); set use_bn=false (the SN paper mixes IN and LN only at 1 image/GPU)")
 
     def __init__(self, num_channels: int, per_gpu_batch: int | None = None, use_bn: bool = True,
                  inference: str = "moving_average", momentum: float = 0.1, eps: float = 1e-5,
                  device=None, dtype=None):
         super().__init__()
-        self.check_options(per_gpu_batch, use_bn, inference, momentum, eps)
+        self._check(per_gpu_batch, use_bn, inference, momentum, eps)
         fk = init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype)
         self.use_bn = use_bn
         self.inference = inference

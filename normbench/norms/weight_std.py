@@ -38,7 +38,7 @@ class WSConv2d(nn.Conv2d):
         return self._conv_forward(x, standardize_weight(self.weight, self.ws_eps), self.bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ws_eps: float = 1e-5) -> "WSConv2d":
+    def from_conv(cls, conv: nn.Conv2d, ws_eps: float = 1e-5) -> WSConv2d:
         """A WSConv2d with the same configuration and (raw) weights as ``conv``."""
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
