@@ -108,9 +108,11 @@ def the_result(results_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def array_jobs(results_dir: Path) -> list[str]:
-    """The SLURM jobs submitit submitted for the sweeps in results_dir (its folders are named after them)."""
-    return sorted(p.name for p in results_dir.glob(".hydra/*/.submitit/*_*") if p.is_dir())
+def submitted_jobs(results_dir: Path) -> list[str]:
+    """The SLURM job ids submitit submitted for the sweeps in results_dir: its folder <id>/ holds
+    <id>_submitted.pkl for each job, `ARRAY_TASK` for a sweep of several runs, a plain id for a single run."""
+    return sorted(p.parent.name for p in results_dir.glob(".hydra/*/.submitit/*/*_submitted.pkl")
+                  if p.name == f"{p.parent.name}_submitted.pkl")
 
 
 def sacct_states(job: str, env: dict, timeout: float = 120) -> dict[str, list[str]]:
@@ -153,7 +155,9 @@ def test_sweep_through_sbatch_gives_the_local_sweeps_runs_and_numbers(tmp_path, 
     assert on_slurm.returncode == 0, on_slurm.stderr[-3000:]
     assert summary(on_slurm.stdout)["completed"] == 10
 
-    (array,) = {job.split("_")[0] for job in array_jobs(tmp_path / "slurm")}
+    jobs = submitted_jobs(tmp_path / "slurm")
+    (array,) = {job.split("_")[0] for job in jobs}
+    assert len(jobs) == 10
     assert sacct_states(array, slurm_env) == {f"{array}_{i}": ["COMPLETED"] for i in range(10)}
     names = slurm("sacct", "-X", "-n", "-P", "-o", "JobName", "-j", array, env=slurm_env).split()
     assert names == [job_name] * 10  # this sweep's jobs, none other
@@ -184,7 +188,7 @@ def test_a_run_past_its_time_limit_is_requeued_and_resumed_to_the_uninterrupted_
     assert code == 0, err[-3000:]
     assert finish(reference, timeout=600)[0] == 0
 
-    (job,) = array_jobs(tmp_path / "slurm")
+    (job,) = submitted_jobs(tmp_path / "slurm")
     states = sacct_states(job, slurm_env)[job]
     assert states[-1] == "COMPLETED" and states.count("REQUEUED") >= 1, states
     log = next((tmp_path / "slurm").glob(f".hydra/*/.submitit/{job}/{job}_0_log.err")).read_text()
@@ -212,7 +216,7 @@ def test_a_cancelled_job_is_never_completed_and_the_next_sweep_resumes_it(
     while not list((tmp_path / "slurm").glob("gn_table2/*/checkpoint.pt")):
         assert sweep.poll() is None and time.monotonic() < deadline, "no epoch checkpointed"
         time.sleep(0.5)
-    (job,) = array_jobs(tmp_path / "slurm")
+    (job,) = submitted_jobs(tmp_path / "slurm")
     slurm("scancel", job, env=slurm_env)
     code, _, err = finish(sweep, timeout=300)
     assert code != 0 and "CANCELLED" in err, err[-3000:]  # the sweep says the job was cancelled
