@@ -49,11 +49,19 @@ def _config_error(command: str, args: list[str]) -> str | None:
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            OmegaConf.to_container(compose(config_name="train", overrides=plain), resolve=True)
+            config = OmegaConf.to_container(compose(config_name="train", overrides=plain), resolve=True)
     except Exception as err:  # noqa: BLE001 -- any composition error is the user's to fix
         text = str(err).split("Config search path")[0]  # Hydra appends its search path: noise here
         text = text.replace(":\n", ": ").replace("\n\n", "\n").replace("\n", ", ").replace("., ", ". ")
         return " ".join(text.split()).rstrip(", ") + " (normbench train --cfg job lists every key)"
+    from pathlib import Path
+
+    from normbench.runs import RunEnvironmentError, check_writable
+
+    try:  # before Hydra creates its output directory under results_dir (a raw OSError traceback otherwise)
+        check_writable(Path(config["results_dir"]))
+    except RunEnvironmentError as err:
+        return str(err)
     return None
 
 

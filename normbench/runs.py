@@ -1,24 +1,50 @@
-"""Run directories: identity, atomic files, provenance, and the lock that keeps two sweeps off one run.
+"""A run's life on disk: identity, atomic files, provenance, the lock that keeps two sweeps off one run, and
+the status that says truthfully how far it got.
 
 A run's directory is named after a hash of its *identifying* config: everything that can change its numbers.
 Keys that only say where or how fast to run (results_dir, logging, data location, loader workers, fast-path
-switches whose effect is float error) are left out, so moving the data or turning on bf16 resumes the same run.
+switches whose effect is float error) are left out, so moving the data or turning on channels_last resumes the
+same run. The precision (`fast.amp`, resolved: a bf16 run is not an fp32 run) is part of the identity.
+
+Status (result.json `status`):
+  completed    every epoch ran; the only status a report averages
+  diverged     a non-finite training loss stopped it (a result too: the layer cannot train in that setting)
+  failed       an exception; the message is recorded, the rerun resumes from the last checkpoint
+  interrupted  a signal (Ctrl-C, SIGTERM, SLURM's/submitit's SIGUSR2) or SystemExit stopped it; the rerun, or the
+               requeued job, resumes from the last finished epoch's checkpoint
+Only completed and diverged runs are skipped when their command is run again. An interrupt does not checkpoint
+mid-epoch: the work since the last epoch boundary is redone on resume (an epoch is at most minutes here; on
+ImageNet give SLURM's signal a delay of more than one checkpoint write, not of an epoch).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("normbench")
+
+STATUSES = ("completed", "diverged", "failed", "interrupted")
+FINAL_STATUSES = ("completed", "diverged")  # a result that needs no more training
+
 # Top-level keys, and dotted sub-keys, that never change what a run computes.
+# `experiment` is not identifying on disk (the directory already sits under it) but is part of the wandb id.
 NON_IDENTIFYING = (
-    "results_dir", "logger", "device", "fast", "sweep", "experiment",
+    "results_dir", "logger", "device", "sweep", "experiment", "force", "preset_name",
+    "fast.channels_last", "fast.compile", "fast.cudnn_benchmark",
     "data.root", "data.download", "data.workers", "data.eval_batch",
 )
 
@@ -31,6 +57,8 @@ def identifying_config(config: dict) -> dict:
             config.pop(node, None)
         elif isinstance(config.get(node), dict):
             config[node].pop(rest[0], None)
+    if config.get("fast") == {}:
+        config.pop("fast")
     return config
 
 
@@ -47,6 +75,11 @@ def run_name(config: dict) -> str:
 
 def run_dir(config: dict) -> Path:
     return Path(config["results_dir"]) / config["experiment"] / run_name(config)
+
+
+def wandb_id(config: dict) -> str:
+    """The dashboard id: the run hash within its experiment (the same BN run in two tables is two runs)."""
+    return f"{config['experiment']}-{run_id(config)}"[:64]
 
 
 _UMASK = os.umask(0o022)
@@ -91,14 +124,27 @@ def save_torch(path: Path, obj: Any) -> None:
 def read_json(path: Path) -> Any | None:
     try:
         return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
         return None
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of metrics.jsonl that parse; a line cut by a crash ends the list (one warning)."""
+    rows = []
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return rows
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: line %d is damaged; kept the %d rows before it", path, number, len(rows))
+            break
+        if not isinstance(row, dict):
+            break
+        rows.append(row)
+    return rows
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
@@ -164,3 +210,181 @@ class RunLock:
 
     def release(self) -> None:
         self._lock.release()
+
+
+# ---- damaged files: moved aside, never a traceback -----------------------------------------------------------
+def set_aside(path: Path) -> Path:
+    """Move a damaged file to NAME.corrupt (the previous one of that name is replaced) and return the new path."""
+    target = Path(path).with_name(Path(path).name + ".corrupt")
+    os.replace(path, target)
+    return target
+
+
+def read_result(directory: Path) -> dict | None:
+    """result.json if it is a readable normbench result, else None; a damaged one is moved aside with one warning
+    (the run is then resumed from its checkpoint or retrained)."""
+    path = Path(directory) / "result.json"
+    if not path.exists():
+        return None
+    data = read_json(path)
+    if isinstance(data, dict) and data.get("status") in STATUSES and isinstance(data.get("epochs_completed"), int):
+        return data
+    aside = set_aside(path)
+    log.warning("%s is damaged or not a normbench result; moved to %s, the run will be resumed or retrained",
+                path, aside.name)
+    return None
+
+
+def finished_result(directory: Path) -> dict | None:
+    """The run's result if it needs no more training (completed, or diverged: a result too)."""
+    result = read_result(directory)
+    return result if result and result["status"] in FINAL_STATUSES else None
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "wall_time_s")
+
+
+def load_checkpoint(path: Path, map_location) -> dict | None:
+    """The checkpoint, or None if there is none or it cannot be read (truncated, empty, not ours): a damaged
+    one is moved aside to checkpoint.pt.corrupt with one warning and the run restarts from epoch 0."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        if not (isinstance(state, dict) and all(k in state for k in CHECKPOINT_KEYS)):
+            raise ValueError("missing keys")
+    except Exception as err:  # noqa: BLE001 -- any unreadable checkpoint is handled the same way
+        aside = set_aside(path)
+        log.warning("%s cannot be read (%s); moved to %s, the run restarts from epoch 0", path,
+                    " ".join(str(err).split())[:120] or type(err).__name__, aside.name)
+        return None
+    return state
+
+
+def set_aside_finished(directory: Path) -> Path:
+    """force=true: move a finished run's files into a sibling directory NAME.replaced-TIMESTAMP (kept, never
+    deleted) so it is trained again from scratch. The lock file stays: the caller holds it."""
+    directory = Path(directory)
+    target = directory.with_name(f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    target.mkdir(parents=True)
+    for item in directory.iterdir():
+        if item.name != ".lock":
+            os.replace(item, target / item.name)
+    return target
+
+
+# ---- environment faults: one line naming the cause and the fix ----------------------------------------------
+class RunEnvironmentError(RuntimeError):
+    """Something outside the config stops the run (disk full, a read-only directory); one line with the fix."""
+
+
+def check_writable(directory: Path, setting: str = "results_dir") -> None:
+    """Fail before anything is built if `directory` cannot be created or written (Hydra's own output directory
+    lives under it too)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RunEnvironmentError(
+            f"{setting}={directory} is not writable ({err.strerror or err}); choose a writable directory with "
+            f"{setting}=DIR") from None
+
+
+def environment_cause(err: BaseException) -> OSError | None:
+    """The OSError behind an exception (torch.save reports a full disk as a RuntimeError chained to it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def describe_environment_error(err: BaseException, directory: Path) -> str | None:
+    """One line for a disk-full / read-only / permission fault while writing the run, else None."""
+    cause = environment_cause(err)
+    if cause is None and "write" in str(err).lower():
+        try:  # torch's zip writer sometimes drops the errno; a full disk is then read off the file system
+            if shutil.disk_usage(directory).free < 1 << 20:
+                cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            pass
+    if cause is None:
+        return None
+    where = f" writing {cause.filename}" if cause.filename else f" in {directory}"
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"disk full{where} ({cause.strerror}); free space on that file system or set results_dir= to "
+                f"another one, then rerun the same command to resume")
+    return (f"cannot write{where} ({cause.strerror}); make results_dir writable or choose another with "
+            f"results_dir=DIR")
+
+
+# ---- interrupts: recorded, never mistaken for a finished run --------------------------------------------------
+class Interrupted(BaseException):
+    """A signal asked the run to stop. A BaseException, like KeyboardInterrupt, so that no `except Exception`
+    (Hydra's job runner included) swallows it and a sweep stops instead of going on to the next run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+INTERRUPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+                          if hasattr(signal, name))
+
+
+@contextmanager
+def interrupts_raise():
+    """Turn SIGINT/SIGTERM/SIGUSR1/SIGUSR2 into `Interrupted` while the run trains. A handler someone else
+    installed is left alone: under submitit, SIGUSR2 requeues the job and ends it with sys.exit (a SystemExit
+    the run records as interrupted) and SIGTERM is deliberately ignored. The first signal restores the previous
+    handlers, so a second Ctrl-C stops at once (the files on disk stay consistent: every write is atomic)."""
+    installed: dict[int, Any] = {}
+
+    def restore() -> None:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous)
+        installed.clear()
+
+    def handler(signum, frame):
+        restore()
+        raise Interrupted(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in INTERRUPT_SIGNALS:
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+                installed[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        restore()
+
+
+def interruption_name(err: BaseException) -> str:
+    if isinstance(err, Interrupted):
+        return str(err)
+    return type(err).__name__  # KeyboardInterrupt, SystemExit (submitit's requeue)
+
+
+def interruption_exit_code(err: BaseException) -> int:
+    if isinstance(err, Interrupted):
+        return 128 + err.signum
+    if isinstance(err, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    code = getattr(err, "code", 1)
+    return code if isinstance(code, int) and code != 0 else 1
+
+
+def requeue_count() -> int:
+    """How many times SLURM requeued the job now running (0 outside SLURM)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0

@@ -12,11 +12,11 @@ completed (or diverged) run is not trained again.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -112,25 +112,42 @@ class Diverged(Exception):
     pass
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, ctx) -> dict:
+@dataclass
+class Loop:
+    """What every step needs besides the model, the data and the optimizer."""
+    device: torch.device
+    dist: distributed.Dist
+    raw_model: torch.nn.Module  # the model without DDP/compile wrappers (its buffers are the running stats)
+    channels_last: bool
+    sync_buffers_every_step: bool  # layers that read running stats while training (batch renorm) under DDP
+    show_progress: bool
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler  # a no-op unless fp16: bf16 and float32 need no loss scaling
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, loop: Loop) -> dict:
     model.train()
     loader.set_epoch(epoch)
-    device, d = ctx["device"], ctx["dist"]
+    device, d = loop.device, loop.dist
     images_per_step = cfg.gpus * cfg.per_gpu_batch
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
-    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", ctx["show_progress"])
+    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", loop.show_progress)
     for step, (images, labels) in enumerate(bar):
-        if ctx["channels_last"]:
+        if loop.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with ctx["autocast"]():
+        with loop.autocast():
             loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(optimizer)
+        loop.scaler.update()
         scheduler.step()
-        if ctx["sync_buffers_every_step"]:  # layers that read running stats while training (batch renorm)
-            distributed.average_buffers(ctx["raw_model"], d)
+        if loop.sync_buffers_every_step:
+            distributed.average_buffers(loop.raw_model, d)
         loss_sum += loss.detach()
         # Check for divergence only every so often: each check waits for the device.
         if (step + 1) % cfg.logger.check_every == 0 or step + 1 == len(loader):
@@ -145,22 +162,22 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, ctx) -> dic
 
 
 @torch.no_grad()
-def evaluate(model, loader, ctx) -> dict:
+def evaluate(model, loader, loop: Loop) -> dict:
     model.eval()
-    device = ctx["device"]
+    device = loop.device
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, loss sum, count
     count = 0
     for images, labels in loader:
-        if ctx["channels_last"]:
+        if loop.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with ctx["autocast"]():
+        with loop.autocast():
             logits = model(images).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         totals[:3] += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(),
                                    F.cross_entropy(logits, labels, reduction="sum")]).double()
         count += labels.numel()
     totals[3] = count
-    top1, top5, loss, count = distributed.all_reduce_sum(totals, ctx["dist"]).tolist()
+    top1, top5, loss, count = distributed.all_reduce_sum(totals, loop.dist).tolist()
     return {"top1_error": 100.0 * (1 - top1 / count), "top5_error": 100.0 * (1 - top5 / count),
             "eval_loss": loss / count}
 
@@ -171,15 +188,10 @@ def median_last5(history: list[dict]) -> float | None:
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
-def _finished(directory: Path) -> dict | None:
-    """The run's result if it needs no more training (completed, or diverged: a result too)."""
-    previous = runs.read_json(directory / "result.json")
-    return {**previous, "outcome": "skipped"} if previous and previous["status"] in ("completed", "diverged") else None
-
-
 def train(cfg: DictConfig) -> dict:
     """Train (or resume, or skip) the run `cfg` describes; returns its result, with `outcome` saying which of
-    completed / skipped / resumed / diverged / failed / busy happened (for the sweep summary)."""
+    completed / skipped / resumed / diverged happened (for the sweep summary). A failure raises after recording
+    `failed`; an interrupt raises after recording `interrupted` (see normbench.runs for the statuses)."""
     try:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:  # a bad interpolation, e.g. ${gpus_for:64,3}
@@ -193,12 +205,16 @@ def train(cfg: DictConfig) -> dict:
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
+    fast = fast_settings(config, device)
+    # The resolved precision and layout are what the run computes with: recorded, and the precision hashed.
+    config["fast"].update(amp=fast["amp"], channels_last=fast["channels_last"])
     directory = runs.run_dir(config)
-    if finished := _finished(directory):
-        log.info("skip %s: already %s", directory, finished["status"])
+    force = bool(config.get("force", False))
+    if d.is_main:
+        runs.check_writable(Path(config["results_dir"]))
+    if not force and (finished := _finished_on_main(directory, d, device)):
         return finished
 
-    fast = fast_settings(config, device)
     torch.backends.cudnn.benchmark = fast["cudnn_benchmark"]
     torch.manual_seed(cfg.seed)
     try:  # everything a bad config can break, before a single file is written
@@ -220,90 +236,140 @@ def train(cfg: DictConfig) -> dict:
         log.info("skip %s: another process is training it", directory)
         return {"status": "running", "outcome": "busy", "run_dir": str(directory)}
     try:
-        if finished := _finished(directory):  # another sweep may have finished it while we built
-            return finished
+        if finished := _finished_on_main(directory, d, device, quiet=True):  # another sweep may have finished it
+            if not force:
+                return finished
+            if d.is_main:
+                aside = runs.set_aside_finished(directory)
+                log.info("force=true: the finished run was moved to %s; training it again", aside)
         return _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler)
     finally:
         if lock:
             lock.release()
 
 
+def _finished_on_main(directory: Path, d, device, quiet: bool = False) -> dict | None:
+    """The finished result, read by rank 0 only (it may move a damaged file aside); every rank agrees."""
+    result = runs.finished_result(directory) if d.is_main else None
+    if not distributed.broadcast_flag(result is not None, d, device):
+        return None
+    if result is None:  # another rank's view: rank 0 found it finished
+        return {"status": "completed", "outcome": "skipped", "run_dir": str(directory)}
+    if not quiet:
+        log.info("skip %s: already %s", directory, result["status"])
+    return {**result, "outcome": "skipped"}
+
+
 def _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler) -> dict:
     started = time.perf_counter()
-    checkpoint_path, metrics_path = directory / "checkpoint.pt", directory / "metrics.jsonl"
-    start_epoch, history, wall_before = 0, [], 0.0
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    checkpoint_path = directory / "checkpoint.pt"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fast["amp"])
+    scaler = torch.amp.GradScaler(device.type, enabled=fast["amp"] == "fp16")
+    start_epoch, history, wall_before, resumes = 0, [], 0.0, 0
+    state = runs.load_checkpoint(checkpoint_path, device) if d.is_main or checkpoint_path.exists() else None
+    if distributed.broadcast_flag(state is None, d, device):
+        state = None  # every rank starts from the same place (rank 0 may have set a damaged file aside)
+    if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start_epoch, wall_before = state["epoch"], state["wall_time_s"]
-        history = runs.read_metrics(metrics_path)[:start_epoch]  # drop epochs past the checkpoint
+        history, resumes = list(state["history"]), state.get("resumes", 0) + 1
         log.info("resume %s from epoch %d", directory, start_epoch)
     outcome = "resumed" if start_epoch else "completed"
     if d.is_main:
-        runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
         runs.write_text(directory / "overrides.yaml", OmegaConf.to_yaml(_command_line_overrides()))
         runs.write_json(directory / "env.json", {**runs.environment(str(device)), "fast": fast,
                                                  "world_size": d.world_size})
+        runs.write_metrics(directory / "metrics.jsonl", history)  # rebuilt from the checkpoint: never damaged
     train_model = model
     if d.enabled:  # per-GPU statistics: never broadcast rank 0's buffers (see distributed.average_buffers)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if fast["compile"]:
         train_model = torch.compile(train_model)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fast["amp"])
-    ctx = {"device": device, "dist": d, "raw_model": model, "channels_last": fast["channels_last"],
-           "sync_buffers_every_step": uses_batch_stats_in_training(model) and d.enabled,
-           "show_progress": d.is_main and cfg.logger.progress,
-           "autocast": (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext}
+    loop = Loop(device=device, dist=d, raw_model=model, channels_last=fast["channels_last"],
+                sync_buffers_every_step=uses_batch_stats_in_training(model) and d.enabled,
+                show_progress=d.is_main and cfg.logger.progress, amp_dtype=amp_dtype, scaler=scaler)
 
-    name = directory.name
-    status, diverged_epoch, error = "completed", None, None
-    with Tracker(cfg, directory, name, runs.run_id(config), config, enabled=d.is_main) as tracker:
+    run = _Outcome(outcome)
+    with runs.interrupts_raise(), Tracker(cfg, directory, directory.name, runs.wandb_id(config), config,
+                                          enabled=d.is_main) as tracker:
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 lr = optimizer.param_groups[0]["lr"]
-                row = train_one_epoch(train_model, data.train, optimizer, scheduler, epoch, cfg, ctx)
+                row = train_one_epoch(train_model, data.train, optimizer, scheduler, epoch, cfg, loop)
                 distributed.average_buffers(model, d)
                 if cfg.norm.name == "sn" and cfg.norm.inference == "batch_average":
                     batches = (x for _, (x, _) in zip(range(cfg.norm.reestimate_batches), data.train))
                     reestimate_batch_average(model, batches)
-                row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, ctx)}
+                    distributed.average_buffers(model, d)  # every rank evaluates with the same statistics
+                row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, loop)}
                 history.append(row)
                 log.info("epoch %d/%d  loss %.4f  top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s  %.1fs",
                          epoch + 1, cfg.epochs, row["train_loss"], row["top1_error"], row["top5_error"],
                          row["images_per_s"], row["epoch_time_s"])
                 if d.is_main:
                     tracker.log(row, step=epoch + 1)
-                    runs.write_metrics(directory / "metrics.jsonl", history)
                     runs.save_torch(checkpoint_path, {
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                        "history": history, "resumes": resumes,
                         "wall_time_s": wall_before + time.perf_counter() - started})
+                    runs.write_metrics(directory / "metrics.jsonl", history)
         except Diverged as stop:
-            status, diverged_epoch, outcome = "diverged", stop.args[0], "diverged"
-            log.warning("run diverged: non-finite training loss in epoch %d; recorded as a result", diverged_epoch)
+            run.end("diverged", diverged_epoch=stop.args[0])
+            log.warning("run diverged: non-finite training loss in epoch %d; recorded as a result", stop.args[0])
         except Exception as err:  # a crash is recorded, then raised: the sweep counts it, a single run exits 1
-            status, error, outcome = "failed", f"{type(err).__name__}: {err}", "failed"
+            problem = runs.describe_environment_error(err, directory)
+            run.end("failed", error=problem or f"{type(err).__name__}: {err}")
+            if problem:
+                raise runs.RunEnvironmentError(problem) from err
+            raise
+        except BaseException as stop:  # Interrupted (a signal), KeyboardInterrupt, SystemExit (submitit requeue)
+            run.end("interrupted", interrupted_by=runs.interruption_name(stop))
+            log.warning("interrupted by %s after %d of %d epochs; rerun the same command to resume from epoch %d",
+                        run.interrupted_by, len(history), cfg.epochs, len(history))
             raise
         finally:
-            result = _result(config, status, history, diverged_epoch, error,
-                             wall_before + time.perf_counter() - started, model)
+            if run.status == "completed" and len(history) != cfg.epochs:  # never claim what did not run
+                run.end("failed", error=f"ended after {len(history)} of {cfg.epochs} epochs")
+            result = _result(config, run, history, resumes, wall_before + time.perf_counter() - started, model)
             if d.is_main:
-                runs.write_json(directory / "result.json", result)
+                try:
+                    runs.write_json(directory / "result.json", result)
+                except OSError as err:  # the disk that stopped the run may not take its record either
+                    log.warning("could not write %s: %s", directory / "result.json", err)
                 tracker.summary({k: v for k, v in result.items() if k.startswith("top")})
-    log.info("%s: %s  top-1 err final %s  median(last 5) %s", directory, status,
+    log.info("%s: %s  top-1 err final %s  median(last 5) %s", directory, run.status,
              result["top1_error_final"], result["top1_error_median_last5"])
-    return {**result, "outcome": outcome}
+    return {**result, "outcome": run.outcome}
 
 
-def _result(config, status, history, diverged_epoch, error, wall_time_s, model) -> dict:
-    done = status == "completed"
+@dataclass
+class _Outcome:
+    """How the run ended (status for result.json, outcome for the sweep summary)."""
+    outcome: str
+    status: str = "completed"
+    diverged_epoch: int | None = None
+    error: str | None = None
+    interrupted_by: str | None = None
+
+    def end(self, status: str, **details) -> None:
+        self.status = self.outcome = status
+        for key, value in details.items():
+            setattr(self, key, value)
+
+
+def _result(config, run: _Outcome, history, resumes, wall_time_s, model) -> dict:
+    done = run.status == "completed"
     last = history[-1] if history else {}
     importance = switchable_importance(model) if config["norm"]["name"] == "sn" else None
     return {
-        "status": status, "experiment": config["experiment"], "run_id": runs.run_id(config),
+        "status": run.status, "experiment": config["experiment"], "run_id": runs.run_id(config),
         "run_dir": str(runs.run_dir(config).relative_to(config["results_dir"])),
         "model": config["model"]["id"], "data": config["data"]["name"], "norm": norm_label(config),
         "norm_options": norm_options(config), "gpus": config["gpus"], "per_gpu_batch": config["per_gpu_batch"],
@@ -311,7 +377,8 @@ def _result(config, status, history, diverged_epoch, error, wall_time_s, model) 
         "top1_error_final": last.get("top1_error") if done else None,
         "top1_error_median_last5": median_last5(history) if done else None,
         "top5_error_final": last.get("top5_error") if done else None,
-        "diverged_epoch": diverged_epoch, "error_message": error, "wall_time_s": round(wall_time_s, 2),
+        "diverged_epoch": run.diverged_epoch, "error_message": run.error, "interrupted_by": run.interrupted_by,
+        "resumes": resumes, "requeues": runs.requeue_count(), "wall_time_s": round(wall_time_s, 2),
         "sn_importance": importance, "lr": learning_rate(config),
         "git": runs.git_state(), "config": config,
     }
@@ -330,18 +397,33 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error (a DataLoader worker wraps the original in its traceback text)."""
+    text = str(err)
+    for marker in ("DataError: ", "ConfigError: "):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    return " ".join(text.split())
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> dict:
     try:
         return train(cfg)
-    except ConfigError as err:
+    except (ConfigError, DataError, runs.RunEnvironmentError) as err:
         if _in_multirun():
             raise  # the sweep records it as failed and goes on
-        print(f"normbench train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(f"normbench train: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
+    except (runs.Interrupted, KeyboardInterrupt) as stop:  # SystemExit (submitit's requeue) passes untouched
+        print(f"normbench train: interrupted by {runs.interruption_name(stop)}; the run is recorded as "
+              "interrupted: rerun the same command to resume it", file=sys.stderr, flush=True)
+        sys.exit(runs.interruption_exit_code(stop))
     finally:
         distributed.teardown()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # torchrun -m normbench.train ...: the same checks as `normbench train`
+    from normbench.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

@@ -97,7 +97,7 @@ class NormbenchSweeper(BasicSweeper):
                 else:
                     outcomes["failed"] += 1
                     failures.append(f"  {' '.join(job)}: {ret._return_value}")
-        order = ["completed", "skipped", "resumed", "diverged", "busy", "failed"]
+        order = ["completed", "skipped", "resumed", "diverged", "busy", "interrupted", "failed"]
         summary = ", ".join(f"{outcomes[k]} {k}" for k in order)
         print(f"sweep {experiment}: {len(jobs)} runs: {summary}", flush=True)
         if outcomes["busy"]:
