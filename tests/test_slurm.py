@@ -169,9 +169,9 @@ def test_sweep_through_sbatch_gives_the_local_sweeps_runs_and_numbers(tmp_path, 
 
 def test_a_run_past_its_time_limit_is_requeued_and_resumed_to_the_uninterrupted_numbers(
         tmp_path, slurm_env, job_name, images_per_s):
-    # 6 epochs of ~25 s: SLURM signals at 90-120 s of a 2-minute limit (its checks come every ~30 s), epochs
-    # in, and the requeued job has the remaining ones to do.
-    run = sized_run(images_per_s, epoch_s=25, epochs=6)
+    # 6 epochs of ~20 s: SLURM signals 30-60 s before a 2-minute limit (it checks about every 30 s), epochs
+    # in, and the requeued job has the remaining ones to do (on a loaded machine, in several allocations).
+    run = sized_run(images_per_s, epoch_s=20, epochs=6)
     reference = start("sweep", *run, f"results_dir={tmp_path / 'reference'}")
     sweep = start("sweep", *run, "hydra/launcher=slurm_local", f"hydra.launcher.name={job_name}",
                   "hydra.launcher.timeout_min=2", "hydra.launcher.max_num_timeout=5",
@@ -226,6 +226,8 @@ def test_a_cancelled_job_is_never_completed_and_the_next_sweep_resumes_it(
 
     again = cli(*command, env=slurm_env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    (rerun,) = set(submitted_jobs(tmp_path / "slurm")) - {job}
+    assert sacct_states(rerun, slurm_env) == {rerun: ["COMPLETED"]}
     assert summary(again.stdout)["resumed"] == 1
     assert finish(reference, timeout=600)[0] == 0
     result = the_result(tmp_path / "slurm")
