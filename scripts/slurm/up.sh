@@ -36,7 +36,7 @@ fi
 [ -f "$DIR/pids" ] && "$HERE/down.sh" "$DIR"
 rm -rf "$DIR"
 mkdir -p "$DIR"/{log,run,munge,ctld,spool,mysql}
-chmod 700 "$DIR/munge"
+chmod 755 "$DIR/munge"  # the socket must be reachable; the key itself is 0400
 : >"$DIR/pids"
 
 # Wait (bounded) for a daemon's pid file, then record the pid for down.sh.
@@ -95,12 +95,14 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
+MailProg=/bin/true
 JobRequeue=1
 ReturnToService=2
 KillWait=10
 SchedulerParameters=sched_interval=5
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
+# The munge socket for connections to slurmdbd (sacct, sacctmgr): AuthInfo's socket does not cover them.
 AccountingStoragePass=$DIR/munge/munge.socket
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP
