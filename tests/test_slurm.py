@@ -70,11 +70,23 @@ def slurm(*args: str, env: dict) -> str:
                           check=True).stdout
 
 
-def start(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """`normbench ARGS` in the background (cli() blocks); one thread, as the SLURM jobs."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "normbench.cli", *args], cwd=REPO, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def start():
+    """start(ARGS..., env=) runs `normbench ARGS` in the background (cli() blocks), one thread as the SLURM
+    jobs; whatever is still running when the test ends is killed."""
+    procs = []
+
+    def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "normbench.cli", *args], cwd=REPO, env=full_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return procs[-1]
+
+    yield _start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
@@ -168,7 +180,7 @@ def test_sweep_through_sbatch_gives_the_local_sweeps_runs_and_numbers(tmp_path, 
 
 
 def test_a_run_past_its_time_limit_is_requeued_and_resumed_to_the_uninterrupted_numbers(
-        tmp_path, slurm_env, job_name, images_per_s):
+        tmp_path, slurm_env, job_name, images_per_s, start):
     # 6 epochs of ~20 s: SLURM signals 30-60 s before a 2-minute limit (it checks about every 30 s), epochs
     # in, and the requeued job has the remaining ones to do (on a loaded machine, in several allocations).
     run = sized_run(images_per_s, epoch_s=20, epochs=6)
@@ -204,7 +216,7 @@ def test_a_run_past_its_time_limit_is_requeued_and_resumed_to_the_uninterrupted_
 
 
 def test_a_cancelled_job_is_never_completed_and_the_next_sweep_resumes_it(
-        tmp_path, slurm_env, job_name, images_per_s):
+        tmp_path, slurm_env, job_name, images_per_s, start):
     # 6 epochs of ~5 s: cancelled after the first checkpoint, the job has 25 s of training left, more than
     # SLURM's KillWait (10 s on the local cluster) between its SIGTERM and SIGKILL.
     run = sized_run(images_per_s, epoch_s=5, epochs=6)
