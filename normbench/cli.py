@@ -14,19 +14,20 @@ USAGE = __doc__.strip()
 def _report(args: list[str]) -> int:
     from normbench.report import build_report
 
-    options = {"experiment": None, "results_dir": "results/runs", "out_dir": None}
+    options = {"experiment": None, "results_dir": "results/runs", "out_dir": None, "model": None, "data": None}
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in options:
             print(f"normbench report: error: unknown argument {arg!r}; use experiment=NAME results_dir=DIR "
-                  "[out_dir=DIR]", file=sys.stderr)
+                  "[out_dir=DIR] [model=MODEL_ID] [data=DATA_NAME]", file=sys.stderr)
             return 2
         options[key] = value
     if not options["experiment"]:
         print("normbench report: error: experiment=NAME is required", file=sys.stderr)
         return 2
     try:
-        summary = build_report(options["experiment"], options["results_dir"], options["out_dir"])
+        summary = build_report(options["experiment"], options["results_dir"], options["out_dir"],
+                               model=options["model"], data=options["data"])
     except ValueError as err:
         print(f"normbench report: error: {err}", file=sys.stderr)
         return 2

@@ -24,14 +24,16 @@ class Dist:
 
 
 def _export_submitit_env() -> None:
-    """Inside a submitit (SLURM) job with several tasks, export the env:// variables torchrun would set."""
-    try:
-        import submitit
+    """Inside a submitit job (SLURM or local executor) with several tasks, export the env:// variables torchrun
+    would set. Not a submitit job (submitit's executors always set SUBMITIT_EXECUTOR; without it, e.g. a plain
+    `normbench train` inside a SLURM allocation): nothing to export. Inside a submitit job every error is
+    raised: a multi-task job that cannot find its rank must not train as several independent single runs."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit
 
-        if submitit.JobEnvironment().num_tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    except Exception:  # noqa: BLE001 -- not a submitit job: nothing to export
-        pass
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def setup(device_kind: str) -> Dist:

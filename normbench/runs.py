@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ FINAL_STATUSES = ("completed", "diverged")  # a result that needs no more traini
 # Top-level keys, and dotted sub-keys, that never change what a run computes.
 # `experiment` is not identifying on disk (the directory already sits under it) but is part of the wandb id.
 NON_IDENTIFYING = (
-    "results_dir", "logger", "device", "sweep", "experiment", "force", "preset_name",
+    "results_dir", "logger", "device", "sweep", "experiment", "force", "preset_name", "claims", "bn_eval",
     "fast.channels_last", "fast.compile", "fast.cudnn_benchmark",
     "data.root", "data.download", "data.workers", "data.eval_batch",
 )
@@ -239,6 +240,58 @@ def finished_result(directory: Path) -> dict | None:
     """The run's result if it needs no more training (completed, or diverged: a result too)."""
     result = read_result(directory)
     return result if result and result["status"] in FINAL_STATUSES else None
+
+
+def finished_on_main(directory: Path, d, device, quiet: bool = False) -> dict | None:
+    """The finished result, read by rank 0 only (it may move a damaged file aside); every rank agrees."""
+    from normbench import distributed
+
+    result = finished_result(directory) if d.is_main else None
+    if not distributed.broadcast_flag(result is not None, d, device):
+        return None
+    if result is None:  # another rank's view: rank 0 found it finished
+        return {"status": "completed", "outcome": "skipped", "run_dir": str(directory)}
+    if not quiet:
+        log.info("skip %s: already %s", directory, result["status"])
+    return {**result, "outcome": "skipped"}
+
+
+@dataclass
+class Outcome:
+    """How a run ended: `status` for result.json, `outcome` for the sweep summary (also skipped/resumed)."""
+    outcome: str
+    status: str = "completed"
+    diverged_epoch: int | None = None
+    error: str | None = None
+    interrupted_by: str | None = None
+
+    def end(self, status: str, **details) -> None:
+        self.status = self.outcome = status
+        for key, value in details.items():
+            setattr(self, key, value)
+
+
+def result_record(config: dict, run: Outcome, history: list[dict], resumes: int, wall_time_s: float, *,
+                  metric: float | None, **fields) -> dict:
+    """result.json: the status, the numbers only when every epoch ran, and what produced them (config, git).
+    `metric` is the run's median top-1 error of the last 5 epochs; `fields` are the trainer's labels."""
+    done = run.status == "completed"
+    last = history[-1] if history else {}
+    return {
+        "status": run.status, "experiment": config["experiment"], "run_id": run_id(config),
+        "run_dir": str(run_dir(config).relative_to(config["results_dir"])),
+        "model": config["model"]["id"], "data": config["data"]["name"], "norm": fields.pop("norm"),
+        "norm_options": fields.pop("norm_options"), "gpus": config["gpus"],
+        "per_gpu_batch": config["per_gpu_batch"], "seed": config["seed"], "epochs": config["epochs"],
+        "epochs_completed": len(history),
+        "top1_error_final": last.get("top1_error") if done else None,
+        "top1_error_median_last5": metric if done else None,
+        "top5_error_final": last.get("top5_error") if done else None,
+        "diverged_epoch": run.diverged_epoch, "error_message": run.error, "interrupted_by": run.interrupted_by,
+        "resumes": resumes, "requeues": requeue_count(), "wall_time_s": round(wall_time_s, 2),
+        "sn_importance": fields.pop("sn_importance"), "lr": fields.pop("lr"), **fields,
+        "git": git_state(), "config": config,
+    }
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "wall_time_s")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normbench import distributed, runs
+from normbench import bn_eval, distributed, runs
 from normbench.data import DataError, build_data
 from normbench.models import build_model
 from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
@@ -63,6 +63,12 @@ def validate(config: dict) -> None:
         raise ConfigError(f"schedule.warmup_epochs={schedule['warmup_epochs']} must be in [0, epochs={config['epochs']})")
     if config["logger"]["wandb"]["mode"] not in ("offline", "online", "disabled"):
         raise ConfigError("logger.wandb.mode must be offline, online or disabled")
+    bn_eval_cfg = config["bn_eval"]
+    if not isinstance(bn_eval_cfg["enabled"], bool):
+        raise ConfigError(f"bn_eval.enabled={bn_eval_cfg['enabled']!r} must be true or false")
+    images = bn_eval_cfg["precise_bn_images"]
+    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+        raise ConfigError(f"bn_eval.precise_bn_images={images!r} must be a positive integer, e.g. 8192")
     fast = config["fast"]
     if fast["amp"] not in ("auto", "none", "bf16", "fp16"):
         raise ConfigError(f"fast.amp={fast['amp']!r} is unknown; use auto, none, bf16 or fp16")
@@ -86,7 +92,8 @@ def norm_options(config: dict) -> dict:
 
 
 def norm_label(config: dict) -> str:
-    return config["norm"]["name"] + ("+ws" if config["model"]["weight_standardization"] else "")
+    return (config["norm"]["name"] + ("+pono_ms" if config["model"].get("pono_ms") else "")
+            + ("+ws" if config["model"]["weight_standardization"] else ""))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,7 +219,7 @@ def train(cfg: DictConfig) -> dict:
     force = bool(config.get("force", False))
     if d.is_main:
         runs.check_writable(Path(config["results_dir"]))
-    if not force and (finished := _finished_on_main(directory, d, device)):
+    if not force and (finished := runs.finished_on_main(directory, d, device)):
         return finished
 
     torch.backends.cudnn.benchmark = fast["cudnn_benchmark"]
@@ -236,7 +243,7 @@ def train(cfg: DictConfig) -> dict:
         log.info("skip %s: another process is training it", directory)
         return {"status": "running", "outcome": "busy", "run_dir": str(directory)}
     try:
-        if finished := _finished_on_main(directory, d, device, quiet=True):  # another sweep may have finished it
+        if finished := runs.finished_on_main(directory, d, device, quiet=True):  # another sweep may have finished it
             if not force:
                 return finished
             if d.is_main:
@@ -246,18 +253,6 @@ def train(cfg: DictConfig) -> dict:
     finally:
         if lock:
             lock.release()
-
-
-def _finished_on_main(directory: Path, d, device, quiet: bool = False) -> dict | None:
-    """The finished result, read by rank 0 only (it may move a damaged file aside); every rank agrees."""
-    result = runs.finished_result(directory) if d.is_main else None
-    if not distributed.broadcast_flag(result is not None, d, device):
-        return None
-    if result is None:  # another rank's view: rank 0 found it finished
-        return {"status": "completed", "outcome": "skipped", "run_dir": str(directory)}
-    if not quiet:
-        log.info("skip %s: already %s", directory, result["status"])
-    return {**result, "outcome": "skipped"}
 
 
 def _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler) -> dict:
@@ -295,7 +290,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                 sync_buffers_every_step=uses_batch_stats_in_training(model) and d.enabled,
                 show_progress=d.is_main and cfg.logger.progress, amp_dtype=amp_dtype, scaler=scaler)
 
-    run = _Outcome(outcome)
+    run, by_eval = runs.Outcome(outcome), None
     with runs.interrupts_raise(), Tracker(cfg, directory, directory.name, runs.wandb_id(config), config,
                                           enabled=d.is_main) as tracker:
         try:
@@ -320,6 +315,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                         "history": history, "resumes": resumes,
                         "wall_time_s": wall_before + time.perf_counter() - started})
                     runs.write_metrics(directory / "metrics.jsonl", history)
+            by_eval = _final_evaluations(cfg, model, data, loop, history)  # bn_eval (issue 12): after the last epoch
         except Diverged as stop:
             run.end("diverged", diverged_epoch=stop.args[0])
             log.warning("run diverged: non-finite training loss in epoch %d; recorded as a result", stop.args[0])
@@ -338,6 +334,8 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
             if run.status == "completed" and len(history) != cfg.epochs:  # never claim what did not run
                 run.end("failed", error=f"ended after {len(history)} of {cfg.epochs} epochs")
             result = _result(config, run, history, resumes, wall_before + time.perf_counter() - started, model)
+            if by_eval is not None:
+                result["top1_error_by_eval"] = by_eval
             if d.is_main:
                 try:
                     runs.write_json(directory / "result.json", result)
@@ -349,39 +347,33 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
     return {**result, "outcome": run.outcome}
 
 
-@dataclass
-class _Outcome:
-    """How the run ended (status for result.json, outcome for the sweep summary)."""
-    outcome: str
-    status: str = "completed"
-    diverged_epoch: int | None = None
-    error: str | None = None
-    interrupted_by: str | None = None
+def _final_evaluations(cfg, model, data, loop: Loop, history) -> dict | None:
+    """``top1_error_by_eval`` of the final model (normbench.bn_eval): ema / precise_bn / batch_stats; None
+    when ``bn_eval.enabled`` is false."""
+    if not cfg.bn_eval.enabled or not history:
+        return None
 
-    def end(self, status: str, **details) -> None:
-        self.status = self.outcome = status
-        for key, value in details.items():
-            setattr(self, key, value)
+    def forward(m, images):  # a re-estimation batch, run as training runs it
+        if loop.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with loop.autocast():
+            return m(images)
+
+    started = time.perf_counter()
+    by_eval = bn_eval.evaluations(model, data.train, data.eval, lambda m, loader: evaluate(m, loader, loop),
+                                  per_gpu_batch=cfg.per_gpu_batch, precise_bn_images=cfg.bn_eval.precise_bn_images,
+                                  forward=forward, dist=loop.dist, ema=history[-1]["top1_error"])
+    log.info("top-1 err of the final model by evaluation: %s (%.1fs)",
+             "  ".join(f"{k} {v:.2f}%" for k, v in by_eval.items()), time.perf_counter() - started)
+    return by_eval
 
 
-def _result(config, run: _Outcome, history, resumes, wall_time_s, model) -> dict:
-    done = run.status == "completed"
-    last = history[-1] if history else {}
-    importance = switchable_importance(model) if config["norm"]["name"] == "sn" else None
-    return {
-        "status": run.status, "experiment": config["experiment"], "run_id": runs.run_id(config),
-        "run_dir": str(runs.run_dir(config).relative_to(config["results_dir"])),
-        "model": config["model"]["id"], "data": config["data"]["name"], "norm": norm_label(config),
-        "norm_options": norm_options(config), "gpus": config["gpus"], "per_gpu_batch": config["per_gpu_batch"],
-        "seed": config["seed"], "epochs": config["epochs"], "epochs_completed": len(history),
-        "top1_error_final": last.get("top1_error") if done else None,
-        "top1_error_median_last5": median_last5(history) if done else None,
-        "top5_error_final": last.get("top5_error") if done else None,
-        "diverged_epoch": run.diverged_epoch, "error_message": run.error, "interrupted_by": run.interrupted_by,
-        "resumes": resumes, "requeues": runs.requeue_count(), "wall_time_s": round(wall_time_s, 2),
-        "sn_importance": importance, "lr": learning_rate(config),
-        "git": runs.git_state(), "config": config,
-    }
+def _result(config, run: runs.Outcome, history, resumes, wall_time_s, model) -> dict:
+    """The result record (normbench.runs.result_record) with what only the trainer knows."""
+    return runs.result_record(
+        config, run, history, resumes, wall_time_s, metric=median_last5(history), norm=norm_label(config),
+        norm_options=norm_options(config), lr=learning_rate(config),
+        sn_importance=switchable_importance(model) if config["norm"]["name"] == "sn" else None)
 
 
 def _command_line_overrides() -> list[str]:

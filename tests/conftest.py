@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,28 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | N
                           timeout=timeout, env=full_env, cwd=cwd or REPO)
 
 
+def torchrun(*args: str, nproc: int = 2, launcher: tuple[str, ...] = (), timeout: float = 300
+             ) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=NPROC LAUNCHER -m normbench.train ARGS`: real processes, gloo on
+    the CPU."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", *launcher, "-m", "normbench.train", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests skip themselves without CUDA (and `-m gpu` selects them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     import torch
@@ -41,3 +64,17 @@ def _one_thread():
     torch.set_num_threads(1)  # deterministic and fair on a 2-core CI machine
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_global_rng():
+    """train() and the layers reseed torch's global RNG: restore every global RNG so no test's outcome depends
+    on which tests ran before it."""
+    import numpy as np
+    import torch
+
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)

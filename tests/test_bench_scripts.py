@@ -1,4 +1,5 @@
-"""scripts/bench_train.py: the --ci run prints one table (BN's ratio to itself 1.00) and writes Markdown + JSON."""
+"""Smoke tests of the benchmark scripts: they run, print one table and write their files. BN's row is BN
+against itself (1.00x by construction): these tests check the plumbing, never a speed."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -28,7 +31,8 @@ def _table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_bench_train_ci(tmp_path):
+@pytest.mark.slow
+def test_bench_train_ci_smoke_bn_against_itself_is_1x(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--ci", "--quiet", "--out", str(out)],
@@ -86,7 +90,8 @@ def test_bench_train_arguments():
     assert imagenet.num_classes == 1000 and bench.model_config(imagenet).norm_groups == 32
 
 
-def test_bench_norms_prints_one_table_with_targets():
+@pytest.mark.slow
+def test_bench_norms_smoke_prints_one_table_with_targets():
     """A tiny shape, one round: every layer row, the paired ratios of the baselines to themselves are 1.00."""
     script = REPO / "scripts" / "bench_norms.py"
     proc = subprocess.run([sys.executable, str(script), "--shapes", "16x32x4x4", "--device", "cpu", "--repeats", "2",

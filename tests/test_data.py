@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 
 from normbench.data import DataBundle, DataError, build_data
 from normbench.data import fashion_mnist as fm
-from normbench.data.common import epoch_generator, epoch_permutation
 from normbench.data.device_loader import build_device_loaders, crop_flip, draw_augment_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,22 +139,59 @@ def naive_normalize(x):
     return (x.float() / 255 - m) / s
 
 
+def find_crops(batch, x, labels, p):
+    """For each training image, every (oy, ox, flip) whose crop of its zero-padded source image (the label is
+    the source's index) gives that image after normalization -- brute force over every crop in bounds."""
+    h, w = x.shape[-2:]
+    sources = F.pad(x[labels], (p, p, p, p))
+    keys, hits = [], []
+    for oy in range(2 * p + 1):
+        for ox in range(2 * p + 1):
+            crop = sources[:, :, oy:oy + h, ox:ox + w]
+            for fl in (False, True):
+                candidate = naive_normalize(crop.flip(-1) if fl else crop)
+                keys.append((oy, ox, fl))
+                hits.append(torch.isclose(batch, candidate, rtol=1e-6, atol=1e-5).flatten(1).all(1))
+    hits = torch.stack(hits, 1)  # (images, candidates)
+    return [[keys[j] for j in row.nonzero().flatten().tolist()] for row in hits]
+
+
+def epoch_crops(loader, x, epoch, p) -> tuple[torch.Tensor, dict[int, tuple]]:
+    """An epoch's order (labels = image indices) and, per image, its one matching crop."""
+    xs, ys = collect(loader, epoch)
+    for xb, yb in zip(xs, ys):
+        assert yb.dtype == torch.int64 and xb.dtype == torch.float32 and xb.is_contiguous()
+    order = torch.cat(ys)
+    matches = find_crops(torch.cat(xs), x, order, p)
+    assert all(len(m) == 1 for m in matches), "an image that is not exactly one crop of its padded source"
+    return order, {int(i): m[0] for i, m in zip(order, matches)}
+
+
 def test_train_loader_follows_the_documented_rule():
-    """Order = randperm seeded by (seed, epoch); crop/flip params per position; exact pixels vs naive."""
-    x, y = index_dataset()
-    G, seed, epoch, p = 12, 3, 4, 2
-    train, _ = make_loaders(x, y, G=G, seed=seed, padding=p)
-    assert len(train) == 103 // 12
-    xs, ys = collect(train, epoch)
-    perm = epoch_permutation(103, seed, epoch)
-    assert torch.equal(perm, torch.randperm(103, generator=epoch_generator(seed, epoch, 0)))
-    oy, ox, fl = draw_augment_params(103, p, True, seed, epoch)
-    for b, (xb, yb) in enumerate(zip(xs, ys)):
-        pos = slice(b * G, (b + 1) * G)
-        assert yb.dtype == torch.int64 and torch.equal(yb, perm[pos])
-        ref = naive_normalize(naive_crop_flip(x[perm[pos]], oy[pos], ox[pos], fl[pos], p))
-        assert xb.dtype == torch.float32 and xb.is_contiguous()
-        torch.testing.assert_close(xb, ref, rtol=1e-6, atol=1e-5)
+    """The rules of normbench/data/common.py, checked from first principles (not with the code's own generators):
+    an epoch visits every image exactly once, shuffled, in global batches of G; each training image is a crop,
+    within bounds, of its zero-padded source, maybe flipped, normalized per channel; the same (seed, epoch)
+    replays order and crops; another epoch or another seed draws a new order and new crops."""
+    n, G, p = 108, 12, 2  # 9 full batches: every image exactly once
+    x, y = index_dataset(n)
+    train, _ = make_loaders(x, y, G=G, seed=3, padding=p)
+    assert len(train) == n // G
+    order, crops = epoch_crops(train, x, 4, p)
+    assert torch.equal(order.sort().values, torch.arange(n))  # a permutation
+    assert not torch.equal(order, torch.arange(n))  # shuffled
+    # crops are random: many offsets, both flips (50 equally likely choices per image, 108 images)
+    assert len({(oy, ox) for oy, ox, _ in crops.values()}) > 15
+    assert {fl for _, _, fl in crops.values()} == {False, True}
+    replay_order, replay_crops = epoch_crops(make_loaders(x, y, G=G, seed=3, padding=p)[0], x, 4, p)
+    assert torch.equal(replay_order, order) and replay_crops == crops  # a fresh loader replays the epoch
+    next_order, next_crops = epoch_crops(train, x, 5, p)
+    assert not torch.equal(next_order, order)
+    assert sum(next_crops[i] == crops[i] for i in range(n)) < n // 4  # 1 in 50 keeps its crop by chance
+    other_seed, _ = epoch_crops(make_loaders(x, y, G=G, seed=4, padding=p)[0], x, 4, p)
+    assert not torch.equal(other_seed, order)
+    # an indivisible set: the last partial batch is dropped, no image twice
+    xs, ys = collect(make_loaders(*index_dataset(103), G=G, seed=3, padding=p)[0], 4)
+    assert [len(b) for b in ys] == [G] * (103 // G) and torch.cat(ys).unique().numel() == 103 // G * G
 
 
 @pytest.mark.parametrize("ws", [2, 4])
@@ -303,8 +339,17 @@ def test_fashion_idx_round_trip(tmp_path, gz):
 
 
 def test_fashion_torchvision_layout(tmp_path):
-    make_fashion(tmp_path / "FashionMNIST" / "raw", gz=False)
-    assert fm.find_files(tmp_path) is not None
+    """Files in torchvision's ROOT/FashionMNIST/raw are found from ROOT and loaded as written."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    arrays = make_fashion(raw, gz=False)
+    files = fm.find_files(tmp_path)
+    assert files is not None and {p.parent for p in files.values()} == {raw}
+    for split in ("train", "test"):
+        x, y = fm.load_split(files, split)
+        assert np.array_equal(x[:, 0].numpy(), arrays[split][0])
+        assert np.array_equal(y.numpy(), arrays[split][1].astype(np.int64))
+    b = build_data(load_cfg("fashion_mnist", root=str(tmp_path), download=False), global_batch=8, device=CPU)
+    assert (b.num_train, b.num_eval) == (40, 20)
 
 
 def test_fashion_missing_root(tmp_path):
@@ -435,7 +480,6 @@ def test_cifar_errors(tmp_path, damage):
         assert "data_batch_3" in str(e.value)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 def test_device_placement_cuda():
     dev = torch.device("cuda")
@@ -507,10 +551,16 @@ def test_epoch_size_takes_the_first_positions_of_each_epochs_order():
     train = build_device_loaders("t", x, y, x, y, padding=0, flip=False, mean=MEAN, std=STD, eval_batch=10,
                                  global_batch=8, rank=0, world_size=1, seed=5, device=CPU, epoch_size=40)
     assert len(train[0]) == 40 // 8
-    for epoch in (0, 1):
-        _, labels = collect(train[0], epoch)
-        order = torch.randperm(103, generator=epoch_generator(5, epoch, 0))
-        assert torch.equal(torch.cat(labels), order[:40])
+    full = build_device_loaders("t", x, y, x, y, padding=0, flip=False, mean=MEAN, std=STD, eval_batch=10,
+                                global_batch=8, rank=0, world_size=1, seed=5, device=CPU)[0]
+    seen = []
+    for epoch in range(4):
+        labels = torch.cat(collect(train[0], epoch)[1])
+        assert labels.unique().numel() == 40  # no image twice
+        assert torch.equal(labels, torch.cat(collect(full, epoch)[1])[:40])  # the full epoch's first positions
+        seen.append(labels)
+    assert not torch.equal(seen[0], seen[1])
+    assert torch.cat(seen).unique().numel() > 60  # drawn from the whole set, not from a fixed first 40
     with pytest.raises(DataError) as err:
         build_data(load_cfg("synthetic", num_train=100, num_eval=10, image_size=8, epoch_size=4),
                    global_batch=8, seed=5, device=CPU)

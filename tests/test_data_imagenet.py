@@ -11,7 +11,6 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from normbench.data import DataError, build_data
-from normbench.data.common import epoch_permutation
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -62,9 +61,12 @@ def test_bundle_shapes(folder):
     xs, ys = collect(b.train, 0)
     assert len(xs) == 3 and all(x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 for x in xs)
     assert all(y.dtype == torch.int64 for y in ys)
-    # labels follow the documented global order: ImageFolder sorts, so image i has label i // 6
-    perm = epoch_permutation(12, 0, 0)
-    assert torch.equal(torch.cat(ys), perm[:12] // 6)
+    # 12 images in 3 batches of 4: the epoch visits every image once (6 per class), shuffled
+    labels = torch.cat(ys)
+    assert torch.equal(labels.sort().values, torch.tensor([0] * 6 + [1] * 6))
+    assert not torch.equal(labels, labels.sort().values)
+    images = torch.cat(xs).flatten(1)
+    assert torch.cdist(images, images).add(torch.eye(12) * 1e9).min() > 1.0  # 12 different images
 
 
 def test_world_size_determinism_and_replay(folder):

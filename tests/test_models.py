@@ -208,15 +208,19 @@ def test_init_weights_handles_bias_free_layers():
 
 
 # ---- Weight Standardization ------------------------------------------------------------------------------------
-def ws_reference(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """float64 (w - mean) / sqrt(var + eps) over (Cin, kh, kw) per output filter, biased variance, eps inside
-    the square root (normbench/norms/weight_std.py's convention, as timm's StdConv2d)."""
-    w = weight.detach().double()
-    flat = w.reshape(w.shape[0], -1)
-    n = flat.shape[1]
-    mean = flat.sum(1, keepdim=True) / n
-    var = ((flat - mean) ** 2).sum(1, keepdim=True) / n
-    return ((flat - mean) / torch.sqrt(var + eps)).reshape(w.shape)
+def ws_reference(weight: torch.Tensor, eps: float = 1e-5, unbiased: bool = False) -> torch.Tensor:
+    """Weight Standardization as the WS paper defines it (Qiao et al. 2019, eqs. 5-6), in float64: per output
+    filter i over its I = C_in/groups * kh * kw weights, mu = (1/I) sum W, sigma = sqrt((1/I) sum W^2 - mu^2 + eps),
+    W_hat = (W - mu) / sigma. Convention: BIASED variance (1/I), eps = 1e-5 INSIDE the square root. unbiased=True
+    gives the official code's variant instead ((W - mu) / (std with 1/(I-1) + eps)), to show the two differ."""
+    w = weight.detach().double().reshape(weight.shape[0], -1)
+    fan_in = w.shape[1]
+    mu = w.sum(1, keepdim=True) / fan_in
+    if unbiased:
+        sigma = (((w - mu) ** 2).sum(1, keepdim=True) / (fan_in - 1)).sqrt() + eps
+    else:
+        sigma = ((w * w).sum(1, keepdim=True) / fan_in - mu * mu + eps).sqrt()
+    return ((w - mu) / sigma).reshape(weight.shape)
 
 
 @pytest.mark.parametrize("model_name", ["resnet50", "cifar_resnet8"])
@@ -251,6 +255,9 @@ def test_weight_standardization(model_name):
     with_eps = F.conv2d(x.double(), ws_reference(small.weight), None, small.stride, small.padding)
     torch.testing.assert_close(copy.deepcopy(small).double()(x.double()), with_eps, rtol=1e-10, atol=1e-10)
     assert (no_eps - with_eps).abs().max() > 1e-4  # so the float64 match above does pin the eps convention
+    # and the variance convention: the unbiased variant is off by ~1/(2 fan_in) of the output
+    unbiased = F.conv2d(x.double(), ws_reference(small.weight, unbiased=True), None, small.stride, small.padding)
+    assert (unbiased - with_eps).abs().max() > 1e-4
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.randn(2, 3, 32, 32))).all()
 
@@ -291,3 +298,101 @@ def test_composed_config_builds(norm, ws):
     assert sum(torch.equal(g.weight, torch.zeros_like(g.weight)) for g in gns) == 16
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+# ---- PONO + Moment Shortcut in the residual blocks (model.pono_ms) --------------------------------------------
+def pono_ms_model(model_name: str, norm: str = "gn", groups: int = 4, **overrides):
+    """The model with PONO-MS, every gamma 1 (a zero last gamma would hide the branch from the output)."""
+    torch.manual_seed(0)
+    cfg = model_cfg(model_name, zero_init_last_gamma=False, pono_ms=True, **overrides)
+    return build_model(cfg, layer_for(norm, groups=groups), 10, 3)
+
+
+def test_pono_ms_block_is_pono_then_moments_reinjected_after_the_last_conv():
+    """A float64 CIFAR block against the placement written out by hand with torch built-ins."""
+    from normbench.models.pono_ms import ConvMomentShortcut, ConvPono
+
+    model = pono_ms_model("cifar_resnet8", groups=2, width=4).double()
+    block = model.layer2[0]  # strided on conv1: conv1's and conv2's outputs share one size
+    assert isinstance(block.conv1, ConvPono) and isinstance(block.conv2, ConvMomentShortcut)
+    with torch.no_grad():
+        for norm in (block.bn1, block.bn2):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    h = F.conv2d(x, block.conv1.conv.weight, stride=2, padding=1)
+    mean, std = h.mean(1, keepdim=True), torch.sqrt(h.var(1, keepdim=True) + 1e-5)  # PONO: unbiased over C
+    h = F.relu(F.group_norm((h - mean) / std, 2, block.bn1.weight, block.bn1.bias, 1e-5))
+    h = F.conv2d(h, block.conv2.conv.weight, padding=1) * std + mean
+    h = F.group_norm(h, 2, block.bn2.weight, block.bn2.bias, 1e-5)
+    identity = block.downsample(x)
+    torch.testing.assert_close(block(x), F.relu(h + identity))
+
+
+def test_moment_shortcut_pools_the_moments_of_a_strided_bottleneck():
+    from normbench.models.pono_ms import ConvMomentShortcut, ConvPono
+
+    first = ConvPono(nn.Conv2d(3, 6, 1, bias=False)).double()
+    last = ConvMomentShortcut(nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=False).double(), first.pono)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    h = first(x)
+    c = F.conv2d(x, first.conv.weight)
+    mean, std = c.mean(1, keepdim=True), torch.sqrt(c.var(1, keepdim=True) + 1e-5)
+    expected = F.conv2d(h, last.conv.weight, stride=2, padding=1) * F.avg_pool2d(std, 2) + F.avg_pool2d(mean, 2)
+    torch.testing.assert_close(last(h), expected)
+
+
+@pytest.mark.parametrize("model_name", ["cifar_resnet8", "resnet50"])
+def test_removing_the_moment_shortcut_changes_the_output_and_gradients_reach_both_paths(model_name):
+    size = 32 if model_name == "resnet50" else 16
+    model = pono_ms_model(model_name, groups=4 if model_name == "cifar_resnet8" else 32)
+    x = torch.randn(2, 3, size, size)
+    out = model(x)
+    blocks = [m for m in model.modules() if hasattr(m, "conv1") and hasattr(m.conv1, "pono")]
+    assert blocks and len(blocks) == (16 if model_name == "resnet50" else 3)
+    block = blocks[-1]
+    last = "conv3" if hasattr(block, "conv3") else "conv2"
+    moments = [block.conv1.pono.last_mean, block.conv1.pono.last_std]
+    for t in moments:
+        t.retain_grad()
+    out.square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in moments)  # the moments' path
+    for conv in (block.conv1.conv, getattr(block, last).conv):
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0  # the block's conv weights
+    # the moments' path carries gradient into conv1 of its own: detaching it changes conv1's gradient
+    grad_with_ms = block.conv1.conv.weight.grad.clone()
+    model.zero_grad()
+    ms = getattr(block, last)
+    real_forward = ms.forward
+    ms.forward = lambda h: ms.conv(h) * ms._pono.last_std.detach() + ms._pono.last_mean.detach()
+    model(x).square().sum().backward()
+    assert not torch.allclose(block.conv1.conv.weight.grad, grad_with_ms)
+    ms.forward = real_forward
+    # removing MS (the last conv alone) changes the output
+    with torch.no_grad():
+        setattr(block, last, ms.conv)
+        assert not torch.allclose(model(x), out)
+
+
+@pytest.mark.parametrize("model_name, size", [("cifar_resnet8", 16), ("cifar_resnet20", 16), ("resnet50", 32)])
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+def test_pono_ms_trains_in_every_resnet(model_name, size, norm):
+    model = pono_ms_model(model_name, norm=norm, groups=4 if model_name != "resnet50" else 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(x)).all()
+
+
+def test_pono_ms_config_and_a_model_without_blocks():
+    cfg = compose(["model=resnet50", "norm=pono_ms"])
+    assert cfg.norm.name == "gn" and cfg.model.pono_ms is True
+    assert compose(["norm=bn", "+model.pono_ms=true"]).model.pono_ms is True
+    with pytest.raises(ValueError, match="pono_ms"):
+        from normbench.models import add_pono_ms
+
+        add_pono_ms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))

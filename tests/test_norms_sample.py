@@ -186,16 +186,42 @@ def test_moment_shortcut_not_registered_and_dms():
     assert dms1(h).shape == h.shape
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_dynamic_moment_shortcut_vs_formula(per_channel):
+    """DMS (PONO paper, section 3): (beta, gamma) = net(cat(mean, std)) with net = conv k -> ReLU -> conv k (first
+    half of the output beta, second half gamma; one channel each, broadcast, when not per_channel); y = x * gamma +
+    beta. Non-trivial weights everywhere, so swapped halves, a dropped beta or a missing ReLU all fail."""
+    C, hidden, k = 4, 5, 3
+    pono = build_norm("pono", C, affine=False).double()
+    dms = DynamicMomentShortcut(C, hidden_channels=hidden, kernel_size=k, per_channel=per_channel, pono=pono).double()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in dms.parameters():
+            p.normal_(0, 0.5)
+    x = rand(2, C, 5, 6, seed=11)
+    h = pono(x)
+    _, mean, std = ref_pono(x)
+    c1, c2 = dms.net[0], dms.net[2]
+    hid = F.relu(F.conv2d(torch.cat([mean, std], 1), c1.weight, c1.bias, padding=k // 2))
+    out = F.conv2d(hid, c2.weight, c2.bias, padding=k // 2)
+    out_channels = C if per_channel else 1
+    assert out.shape[1] == 2 * out_channels
+    beta, gamma = out[:, :out_channels], out[:, out_channels:]
+    torch.testing.assert_close(dms(h), (h * gamma + beta).detach())
+    torch.testing.assert_close(dms(h, mean, std), (h * gamma + beta).detach())  # explicit moments, same result
+
+
 # ---------------------------------------------------------------- Weight Standardization
 
 
 def test_wsconv_vs_formula_and_gradcheck():
     conv = WSConv2d(3, 5, 3, padding=1, bias=True).double()
     w = conv.weight.detach()
+    # the WS paper's eqs. 5-6: biased variance as E[W^2] - mu^2, eps = 1e-5 inside the square root
     flat = w.reshape(5, -1)
     mean = flat.sum(1, keepdim=True) / flat.shape[1]
-    var = ((flat - mean) ** 2).sum(1, keepdim=True) / flat.shape[1]
-    w_hat = ((flat - mean) / torch.sqrt(var + 1e-5)).reshape_as(w)
+    sigma = torch.sqrt((flat * flat).sum(1, keepdim=True) / flat.shape[1] - mean * mean + 1e-5)
+    w_hat = ((flat - mean) / sigma).reshape_as(w)
     x = rand(2, 3, 6, 5)
     torch.testing.assert_close(conv(x), F.conv2d(x, w_hat, conv.bias, padding=1).detach())
     assert isinstance(conv, nn.Conv2d)

@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from float64 import D, assert_grads_match, from_gpu_chunks, gpu_chunks, leaf_copies, rand
@@ -212,6 +213,34 @@ def test_batch_average_reproduces_average_of_batch_statistics():
         warnings.simplefilter("always")
         model(rand(2, 3, 5, 6))
     assert any("reestimate_batch_average" in str(r.message) for r in rec)
+
+
+def test_batch_average_in_a_resnet_sets_every_sn_layer_from_the_batches():
+    """In a torchvision ResNet-18: after reestimate_batch_average, the first SN layer's statistics are the average
+    over GPUs and batches of each GPU's (mean, unbiased variance) of conv1's output, computed here from conv1
+    directly; every other SN layer moved off its init; eval output of an image does not depend on its batch."""
+    torch.manual_seed(0)
+    n = 2
+    model = torchvision.models.resnet18(norm_layer=norm_layer("sn", per_gpu_batch=n, inference="batch_average"),
+                                        num_classes=3).double()
+    model(rand(4, 3, 32, 32, seed=1)).sum().backward()
+    model.eval()
+    batches = [rand(4, 3, 32, 32, seed=s) for s in (2, 3)]
+    reestimate_batch_average(model, batches)
+    assert not model.training
+    with torch.no_grad():
+        feats = [model.conv1(b) for b in batches]
+    stats = [biased(c, (0, 2, 3)) for f in feats for c in gpu_chunks(f, n)]
+    M = n * feats[0].shape[2] * feats[0].shape[3]
+    torch.testing.assert_close(model.bn1.running_mean, torch.stack([m.flatten() for m, _ in stats]).mean(0))
+    torch.testing.assert_close(model.bn1.running_var,
+                               torch.stack([v.flatten() * M / (M - 1) for _, v in stats]).mean(0))
+    for name, layer in model.named_modules():
+        if hasattr(layer, "running_var"):
+            assert (layer.running_var - 1).abs().max() > 1e-3, name  # re-estimated, not left at the init
+    x = rand(3, 3, 32, 32, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:1], model(x[:1]))
 
 
 def test_importance_dict():

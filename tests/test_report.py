@@ -48,7 +48,7 @@ def write_result(root: Path, *, experiment="gn_table2", norm="gn", gpus=8, per_g
         "diverged_epoch": 3 if status == "diverged" else None,
         "error_message": "boom" if status == "failed" else None, "wall_time_s": 1.0,
         "sn_importance": None, "git": {"commit": commit, "dirty": False},
-        "config": {"preset": "smoke", "train": {"epochs": 10}},
+        "config": {"preset_name": "smoke", "epochs": 10, "seed": seed},
     }
     res.update(extra)
     path = root / run_dir / "result.json"
@@ -172,12 +172,12 @@ def test_failed_write_leaves_no_temp_and_keeps_old_file(tmp_path, monkeypatch):
     out = tmp_path / "out"
     build_report("gn_table2", tmp_path / "r", out)
     before = (out / "gn_table2.md").read_bytes()
-    import normbench.report.build as b
+    import normbench.runs
 
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(b.os, "replace", boom)
+    monkeypatch.setattr(normbench.runs.os, "replace", boom)
     write_result(tmp_path / "r", norm="gn", groups=32, per_gpu_batch=4, seed=0, error=11.0)
     with pytest.raises(OSError):
         build_report("gn_table2", tmp_path / "r", out)
@@ -203,13 +203,14 @@ def test_unknown_experiment(tmp_path):
     assert "\n" not in msg and "gn_table9" in msg
     for name in ("gn_table1", "gn_table2", "gn_groups", "gn_channels_per_group", "sn_table"):
         assert name in msg
-    assert set(EXPERIMENTS) == {"gn_table1", "gn_table2", "gn_groups", "gn_channels_per_group", "sn_table"}
+    assert set(EXPERIMENTS) == {"gn_table1", "gn_table2", "gn_groups", "gn_channels_per_group", "sn_table", "pono_ms"}
 
 
-def test_missing_results_dir_gives_all_missing_report(tmp_path):
-    s = build_report("gn_table2", tmp_path / "nope", tmp_path / "out")
-    assert s.n_missing_cells == 10 and s.n_completed == 0
-    assert "does not exist" in s.markdown and s.md_path.exists()
+def test_missing_results_dir_refused_and_nothing_created(tmp_path):
+    with pytest.raises(ValueError) as e:
+        build_report("gn_table2", tmp_path / "typo", tmp_path / "out")
+    assert "\n" not in str(e.value) and "typo" in str(e.value) and "results_dir" in str(e.value)
+    assert sorted(tmp_path.iterdir()) == []  # neither the results dir nor the output dir
 
 
 def test_mixed_model_data_refused_unless_selected(tmp_path):
@@ -287,12 +288,44 @@ def test_gn_groups_and_channels_minus_best(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    from normbench.report.__main__ import main
+    from normbench.cli import main
 
     make_table2(tmp_path / "r")
-    assert main(["gn_table2", str(tmp_path / "r")]) == 0
-    assert "12 completed, 1 diverged, 1 failed, 1 missing cells" in capsys.readouterr().out
-    assert main(["nope", str(tmp_path / "r")]) == 2
+    assert main(["report", "experiment=gn_table2", f"results_dir={tmp_path / 'r'}"]) == 0
+    out = capsys.readouterr().out
+    assert "12 completed, 1 diverged, 1 failed; missing cells: 1 of 10" in out
+    assert f"wrote {tmp_path / 'r' / 'reports' / 'gn_table2.md'}" in out
+    assert main(["report", "experiment=nope", f"results_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown experiment 'nope'" in err
+
+
+def test_cli_missing_results_dir_one_line_nothing_created(tmp_path, capsys):
+    from normbench.cli import main
+
+    assert main(["report", "experiment=gn_table2", f"results_dir={tmp_path / 'typo'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("normbench report: error:") and "typo" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_model_and_data_select_a_pair(tmp_path, capsys):
+    """The mixed-pairs error tells the user to pass model=/data=; the command accepts them."""
+    from normbench.cli import main
+
+    r = tmp_path / "r"
+    write_result(r, norm="bn", per_gpu_batch=32, error=10.0)
+    write_result(r, norm="bn", per_gpu_batch=32, error=30.0, model="resnet50", data="imagenet")
+    assert main(["report", "experiment=gn_table2", f"results_dir={r}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model=" in err and "data=" in err
+    assert not (r / "reports").exists()
+    assert main(["report", "experiment=gn_table2", f"results_dir={r}", "model=resnet50", "data=imagenet"]) == 0
+    rows = read_csv(r / "reports" / "gn_table2.csv")
+    assert float(rows[("BN", "32", "top1_error_median_last5")]["mean"]) == 30.0
+    assert main(["report", "experiment=gn_table2", f"results_dir={r}", "data=fashion_mnist"]) == 0
+    rows = read_csv(r / "reports" / "gn_table2.csv")
+    assert float(rows[("BN", "32", "top1_error_median_last5")]["mean"]) == 10.0
 
 
 def test_columns_left_out_by_the_preset_are_not_missing(tmp_path):
@@ -316,3 +349,20 @@ def test_columns_left_out_by_the_preset_are_not_missing(tmp_path):
     assert "Spread over G (max - min): 3.00 (paper 0.9)" in md
     # the paper's own derived row stays as printed (minus its best, G=32)
     assert float(rows[("minus best", "64", "top1_error_diff")]["paper"]) == pytest.approx(0.5)
+
+
+def test_pono_ms_layout_places_the_three_norms_and_has_no_paper_numbers(tmp_path):
+    r = tmp_path / "r"
+    errors = {("bn", 32): (10.0, 12.0), ("bn", 2): (15.0,), ("gn", 32): (11.0,), ("gn", 2): (11.5,),
+              ("gn+pono_ms", 32): (9.0, 10.0), ("gn+pono_ms", 2): (10.5,)}
+    for (norm, batch), errs in errors.items():
+        for seed, e in enumerate(errs):
+            write_result(r, experiment="pono_ms", norm=norm, per_gpu_batch=batch, seed=seed, error=e)
+    s = build_report("pono_ms", r)
+    rows = read_csv(s.csv_path)
+    for (norm, batch), errs in errors.items():
+        label = {"bn": "BN", "gn": "GN", "gn+pono_ms": "GN + PONO-MS"}[norm]
+        row = rows[(label, str(batch), "top1_error_median_last5")]
+        assert float(row["mean"]) == pytest.approx(sum(errs) / len(errs)) and row["paper"] == ""
+    assert "PONO-MS - GN at 32 images/GPU: -1.50" in s.markdown
+    assert "PONO-MS - GN at 2 images/GPU: -1.00" in s.markdown

@@ -55,7 +55,11 @@ class SeededTransformDataset(Dataset):
         else:
             index, seed = key, None
         path, target = self.folder.samples[index]
-        img = self.folder.loader(path)
+        try:
+            img = self.folder.loader(path)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated, empty or not an image
+            raise DataError(f"{NAME}: cannot read image {path} ({' '.join(str(err).split())}); replace or remove "
+                            f"that file") from None
         if seed is None:
             x = self.transform(img)
         else:

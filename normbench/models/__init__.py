@@ -2,7 +2,8 @@
 
 `build_model` applies the papers' recipe (shared/papers.md section 2) to every model: He (fan_out) init for
 convolutions, fc ~ N(0, 0.01), gamma = 1 everywhere except the last norm layer of each residual block
-(gamma = 0 when `zero_init_last_gamma`), and optionally Weight Standardization on every convolution.
+(gamma = 0 when `zero_init_last_gamma`), optionally PONO + Moment Shortcut in every residual block
+(`pono_ms`, normbench/models/pono_ms.py) and Weight Standardization on every convolution.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable
 from torch import nn
 
 from normbench.models.cifar_resnet import BasicBlock as CifarBasicBlock, CifarResNet
+from normbench.models.pono_ms import add_pono_ms
 
 MODEL_NAMES = ("resnet50", "resnet18", "cifar_resnet", "timm")
 
@@ -100,9 +102,11 @@ def build_model(cfg, norm_layer: Callable[[int], nn.Module], num_classes: int, i
     else:
         raise ValueError(f"unknown model.name={name!r}; choose one of {', '.join(MODEL_NAMES)}")
     init_weights(model, cfg.zero_init_last_gamma)
+    if cfg.get("pono_ms", False):  # the key exists only where configs/norm/pono_ms.yaml (or +model.pono_ms) sets it
+        add_pono_ms(model)
     if cfg.weight_standardization:
         standardize_convolutions(model)
     return model
 
 
-__all__ = ["build_model", "CifarResNet", "CifarBasicBlock", "MODEL_NAMES", "last_block_norms"]
+__all__ = ["build_model", "CifarResNet", "CifarBasicBlock", "MODEL_NAMES", "last_block_norms", "add_pono_ms"]

@@ -112,9 +112,7 @@ class SwitchableNorm2d(NormLayer, nn.Module):
         self.inference = inference
         self.mean_weight = nn.Parameter(torch.ones(3, **fk))  # the 6 control logits, equal thirds at init
         self.var_weight = nn.Parameter(torch.ones(3, **fk))
-        self._reestimating = False  # set by reestimate_batch_average
-        self._acc: list[Tensor] | None = None
-        self._stale_batch_average = False
+        self._stale_batch_average = False  # trained since the last reestimate_batch_average
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, use_bn={self.use_bn}, "
@@ -163,13 +161,6 @@ class SwitchableNorm2d(NormLayer, nn.Module):
         C = self.num_channels
         m_bn, v_bn = _pooled(m_in.view(n, k, C), v_in.view(n, k, C), 0)
         m_bn, v_bn = m_bn[0], v_bn[0] * (m / (m - 1))
-        if self._reestimating:
-            if self._acc is None:
-                self._acc = [torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var), 0]
-            self._acc[0] += m_bn.sum(0).to(self.running_mean.dtype)
-            self._acc[1] += v_bn.sum(0).to(self.running_var.dtype)
-            self._acc[2] += k
-            return
         self.num_batches_tracked.add_(1)
         self.running_mean.lerp_(m_bn.mean(0).to(self.running_mean.dtype), self.momentum)
         self.running_var.lerp_(v_bn.mean(0).to(self.running_var.dtype), self.momentum)
@@ -183,16 +174,8 @@ def switchable_importance(model: nn.Module) -> dict[str, dict]:
     return {name: m.importance() for name, m in model.named_modules() if isinstance(m, SwitchableNorm2d)}
 
 
-def _first_param_device(model: nn.Module):
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return None
-
-
 @torch.no_grad()
-def reestimate_batch_average(model: nn.Module, batches: Iterable) -> None:
+def reestimate_batch_average(model: nn.Module, batches: Iterable, reduce=None) -> None:
     """SN ``inference="batch_average"``: re-estimate the BN-part statistics of every SN layer whose
     ``inference == "batch_average"`` (moving-average layers are left alone) from ``batches``.
 
@@ -200,42 +183,18 @@ def reestimate_batch_average(model: nn.Module, batches: Iterable) -> None:
     is the input), then sets each such layer's running mean / variance to the plain average over all
     emulated GPUs of all batches of each GPU's (mean, unbiased variance). Every other buffer in the model
     (other norms' running stats, step counters) and every module's train/eval flag is restored afterwards.
+    The mechanism is :func:`normbench.norms.reestimate.reestimate_statistics` (PreciseBN's too); ``reduce``
+    (an all-reduce sum across DDP ranks) makes several processes give one emulating process's statistics.
     """
+    from .reestimate import reestimate_statistics
+
     layers = [m for m in model.modules() if isinstance(m, SwitchableNorm2d)
               and m.use_bn and m.inference == "batch_average"]
     if not layers:
         return
-    flags = {m: m.training for m in model.modules()}
-    layer_ids = {id(m) for m in layers}
-    saved = [(b, b.clone()) for mod in model.modules() if id(mod) not in layer_ids
-             for b in mod.buffers(recurse=False)]
-    device = _first_param_device(model)
-    for m in layers:
-        m._reestimating, m._acc = True, None
     try:
-        model.train()
-        seen = 0
-        for batch in batches:
-            if isinstance(batch, (tuple, list)):
-                batch = batch[0]
-            if device is not None and batch.device != device:
-                batch = batch.to(device, non_blocking=True)
-            model(batch)
-            seen += 1
-        if seen == 0:
-            raise NormConfigError("sn: reestimate_batch_average got 0 batches; pass at least one training batch")
-        for m in layers:
-            if m._acc is None:
-                raise NormConfigError("sn: reestimate_batch_average: a batch_average SN layer saw no input; "
-                                      "is it used in the model's forward?")
-            total_m, total_v, count = m._acc
-            m.running_mean.copy_(total_m / count)
-            m.running_var.copy_(total_v / count)
-            m._stale_batch_average = False
-    finally:
-        for m in layers:
-            m._reestimating, m._acc = False, None
-        for b, v in saved:
-            b.copy_(v)
-        for mod, flag in flags.items():
-            mod.training = flag
+        reestimate_statistics(model, layers, batches, variance="batch_average", reduce=reduce)
+    except NormConfigError as err:
+        raise NormConfigError(f"sn: {err}") from None
+    for m in layers:
+        m._stale_batch_average = False

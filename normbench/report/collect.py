@@ -10,11 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from normbench.runs import identifying_config
+
 from .layouts import CellKey, Layout
 
-STATUSES = ("completed", "diverged", "failed")
+# "interrupted" runs stopped before their last epoch and resume on rerun: counted, never averaged.
+STATUSES = ("completed", "diverged", "failed", "interrupted")
 METRIC_FIELD = "top1_error_median_last5"
 SHARES = ("in", "ln", "bn")
+EVAL_MODES = ("ema", "precise_bn", "batch_stats")  # result.json["top1_error_by_eval"] keys
 
 
 @dataclass
@@ -33,12 +37,72 @@ class Run:
         return self.data.get("seed")
 
     @property
-    def error(self) -> Optional[float]:
-        v = self.data.get(METRIC_FIELD)
-        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    def top1_error_median_last5(self) -> Optional[float]:
+        """The table's metric (the GN paper's: median top-1 error % of the last 5 epochs), if finite."""
+        return _finite(self.data.get(METRIC_FIELD))
+
+    def top1_error_by_eval(self, mode: str) -> Optional[float]:
+        """Final-model top-1 error % under one BN evaluation mode (EVAL_MODES); None for runs without it."""
+        by_eval = self.data.get("top1_error_by_eval")
+        return _finite(by_eval.get(mode)) if isinstance(by_eval, dict) else None
+
+    def setting(self) -> dict:
+        """The run's identifying config less its seed, flattened to dotted keys: runs averaged into one cell
+        must agree on every key."""
+        config = identifying_config(self.data.get("config") or {})
+        config.pop("seed", None)
+        return _flatten(config)
 
     def label(self) -> str:
         return str(self.data.get("run_dir") or self.data.get("run_id") or self.path)
+
+
+def _finite(v) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_ABSENT = object()
+
+
+def first_difference(a: dict, b: dict) -> Optional[str]:
+    """The first dotted key (in sorted order) on which two flattened settings differ, or None."""
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, _ABSENT) != b.get(key, _ABSENT):
+            return key
+    return None
+
+
+def _shown(setting: dict, key: str) -> str:
+    return json.dumps(setting[key]) if key in setting else "absent"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample std and count of one cell's per-seed values (std None below two seeds)."""
+
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> Optional[float]:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> Optional[float]:
+        return statistics.stdev(self.values) if len(self.values) >= 2 else None
 
 
 @dataclass
@@ -50,7 +114,7 @@ class Cell:
 
     @property
     def completed(self) -> list[Run]:
-        return [r for r in self.runs if r.status == "completed" and r.error is not None]
+        return [r for r in self.runs if r.status == "completed" and r.top1_error_median_last5 is not None]
 
     @property
     def n_diverged(self) -> int:
@@ -61,9 +125,23 @@ class Cell:
         return sum(r.status == "failed" for r in self.runs)
 
     @property
+    def n_interrupted(self) -> int:
+        return sum(r.status == "interrupted" for r in self.runs)
+
+    @property
+    def errors(self) -> list[float]:
+        """Per-seed top-1 errors of the completed runs (the table's metric, before any accuracy flip)."""
+        return [r.top1_error_median_last5 for r in self.completed]
+
+    @property
     def values(self) -> list[float]:
-        errs = [r.error for r in self.completed]
+        errs = self.errors
         return [100.0 - e for e in errs] if self.metric == "accuracy" else errs
+
+    def errors_by_eval(self, mode: str) -> Stat:
+        """Final-model top-1 errors of the completed runs that recorded ``mode``."""
+        vals = (r.top1_error_by_eval(mode) for r in self.completed)
+        return Stat(tuple(v for v in vals if v is not None))
 
     @property
     def n(self) -> int:
@@ -115,8 +193,8 @@ def select_model_data(runs: list[Run], experiment: str, model: Optional[str], da
         listing = ", ".join(f"{m}/{d} ({k} runs)" for (m, d), k in sorted(pairs.items(), key=str))
         raise ValueError(
             f"{experiment}: results mix {len(pairs)} (model, data) pairs: {listing}; "
-            "a table compares one model on one data set, so pass model=... and/or data=... to build_report "
-            "(or keep each pair in its own results_dir)"
+            "a table compares one model on one data set: pass model=MODEL_ID and/or data=DATA_NAME "
+            "(normbench report, or build_report's model/data), or keep each pair in its own results_dir"
         )
     return runs
 
@@ -140,7 +218,7 @@ def collect(layout: Layout, runs: list[Run], notes: list[str]) -> Collection:
     for r in runs:
         if r.data.get("status") not in STATUSES:
             notes.append(f"Run `{r.label()}` has status {r.data.get('status')!r}; counted as failed.")
-        elif r.data.get("status") == "completed" and r.error is None:
+        elif r.data.get("status") == "completed" and r.top1_error_median_last5 is None:
             notes.append(f"Run `{r.label()}` is completed but has no finite {METRIC_FIELD}; "
                          "left out of the means (not counted as a seed).")
 
@@ -158,6 +236,8 @@ def collect(layout: Layout, runs: list[Run], notes: list[str]) -> Collection:
                 notes.append(f"Run `{r.label()}`: {warn}.")
         per_seed[(key, r.seed)].append(r)
 
+    _refuse_mixed_settings(layout, per_seed)
+
     superseded: list[Run] = []
     for (key, seed), rs in per_seed.items():
         rs.sort(key=lambda r: r.mtime)
@@ -172,12 +252,6 @@ def collect(layout: Layout, runs: list[Run], notes: list[str]) -> Collection:
     for cell in cells.values():
         cell.runs.sort(key=lambda r: (str(r.seed), r.label()))
 
-    # Cells whose runs disagree on norm options (e.g. GN with G=32 and G=16 in one BN-vs-GN cell).
-    for cell in cells.values():
-        opts = {json.dumps(r.data.get("norm_options"), sort_keys=True) for r in cell.runs}
-        if len(opts) > 1:
-            notes.append(f"Cell {cell.row} @ {cell.col} mixes norm_options: {', '.join(sorted(opts))}.")
-
     placed = [r for c in cells.values() for r in c.runs]
     epochs = Counter(r.data.get("epochs") for r in placed)
     if len(epochs) > 1:
@@ -185,6 +259,25 @@ def collect(layout: Layout, runs: list[Run], notes: list[str]) -> Collection:
                      + ", ".join(f"{e} ({k} runs)" for e, k in sorted(epochs.items(), key=str))
                      + "; cells may not be comparable.")
     return Collection(runs=placed, cells=cells, unmatched=unmatched, notes=notes, superseded=superseded)
+
+
+def _refuse_mixed_settings(layout: Layout, per_seed: dict[tuple, list[Run]]) -> None:
+    """A cell averages seeds of one setting: runs of a cell whose identifying configs differ in anything but
+    the seed (e.g. 1 and 2 epochs) are refused with the first differing key, never averaged."""
+    by_cell: dict[CellKey, list[Run]] = defaultdict(list)
+    for (key, _), rs in per_seed.items():
+        by_cell[key].extend(rs)
+    for key in sorted(by_cell):
+        rs = sorted(by_cell[key], key=lambda r: r.label())
+        first = rs[0].setting()
+        for other in rs[1:]:
+            diff = first_difference(first, other.setting())
+            if diff is not None:
+                raise ValueError(
+                    f"{layout.name}: cell {layout.row_label(key[0])} @ {key[1]} has runs whose settings differ in "
+                    f"{diff} ({_shown(first, diff)} in `{rs[0].label()}`, {_shown(other.setting(), diff)} in "
+                    f"`{other.label()}`); a cell averages seeds of one setting: move or delete the runs of the "
+                    "other setting, or give them their own results_dir")
 
 
 def run_importance(run: Run) -> Optional[dict[str, dict[str, float]]]:

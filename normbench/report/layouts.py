@@ -65,6 +65,9 @@ class Layout:
     # The sweep axis the columns are drawn from, as named in the runs' config.sweep.allowed (presets restrict
     # it, e.g. G <= 16 for 16-channel models): excluded columns are "not run (preset)", not missing.
     sweep_axis: Optional[str] = None
+    # (large, small) per-GPU-batch columns between which BN's rise is measured under each evaluation mode
+    # (result.json["top1_error_by_eval"]); None: the table has no BN-evaluation section.
+    bn_eval: Optional[tuple[str, str]] = None
 
     @property
     def row_keys(self) -> tuple[str, ...]:
@@ -235,6 +238,7 @@ GN_TABLE2 = Layout(
     x_values={c: float(c) for c in _T2_COLS},
     x_label="images per GPU (log2 scale, decreasing to the right as in the paper's Figure 1)",
     sweep_axis="per_gpu_batch",
+    bn_eval=("32", "2"),
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -359,10 +363,50 @@ SN_TABLE = Layout(
     x_label="(GPUs, images per GPU), the SN paper's order",
     importance=True,
     checks=_sn_check,
+    bn_eval=("(8,32)", "(8,2)"),
+)
+
+# --------------------------------------------------------------------------------------------------
+# pono_ms: PONO + Moment Shortcut in the residual blocks (GN as the block norm) beside GN and BN. Neither paper
+# has this table: no published numbers, the layout only puts the runs side by side.
+
+_PONO_COLS = ("32", "2")
+
+
+def _pono_cell(r: dict) -> Optional[CellKey]:
+    b = r.get("per_gpu_batch")
+    if r.get("norm") in ("bn", "gn", "gn+pono_ms") and isinstance(b, int) and str(b) in _PONO_COLS:
+        return (r["norm"], str(b))
+    return None
+
+
+PONO_MS = Layout(
+    name="pono_ms",
+    title="PONO + Moment Shortcut in the residual blocks vs GN and BN (top-1 error %, lower is better)",
+    metric="error",
+    csv_metric="top1_error_median_last5",
+    col_header="images/GPU",
+    rows=(("bn", "BN"), ("gn", "GN"), ("gn+pono_ms", "GN + PONO-MS")),
+    cols=tuple((c, c) for c in _PONO_COLS),
+    cell_of=_pono_cell,
+    layout_note="runs with norm in {bn, gn, gn+pono_ms}, per_gpu_batch in {32, 2}; row = norm, column = "
+                "per_gpu_batch",
+    paper={},
+    paper_source="none: neither the GN nor the SN paper reports PONO-MS in ResNet blocks (the PONO paper "
+                 "studies it in generative models)",
+    paper_caveat="",
+    trends=(
+        Trend("PONO-MS - GN at 32 images/GPU", _d(("gn+pono_ms", "32"), ("gn", "32")), "signed"),
+        Trend("PONO-MS - GN at 2 images/GPU", _d(("gn+pono_ms", "2"), ("gn", "2")), "signed"),
+    ),
+    figure="xy",
+    x_values={c: float(c) for c in _PONO_COLS},
+    x_label="images per GPU (log2 scale, decreasing to the right)",
+    sweep_axis="per_gpu_batch",
 )
 
 LAYOUTS: dict[str, Layout] = {
-    lay.name: lay for lay in (GN_TABLE1, GN_TABLE2, GN_GROUPS, GN_CHANNELS, SN_TABLE)
+    lay.name: lay for lay in (GN_TABLE1, GN_TABLE2, GN_GROUPS, GN_CHANNELS, SN_TABLE, PONO_MS)
 }
 
 # Paper's BN importance share per SN column (read off a chart).
