@@ -7,8 +7,10 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # A fresh clone trains for real: results/demo/ is not committed. The committed reference run was made with
 # `make demo DEMO_RESULTS=results/fashion_mnist`; a second `make demo` skips finished runs (`make clean-demo`).
 DEMO_RESULTS ?= results/demo
+# The local SLURM cluster of `make slurm-up`: confs, state, logs, pids and its database, wiped on every up.
+SLURM_DIR ?= /tmp/normbench-slurm
 
-.PHONY: install data demo lint test bench clean-demo
+.PHONY: install data demo lint test bench clean-demo slurm-up slurm-down slurm-test
 
 install: $(STAMP) data
 
@@ -48,3 +50,16 @@ bench: install
 
 clean-demo:
 	rm -rf $(DEMO_RESULTS)
+
+# A single-node SLURM cluster from Debian's packages (root on Debian; apt only when they are missing).
+slurm-up:
+	scripts/slurm/up.sh $(SLURM_DIR)
+
+slurm-down:
+	scripts/slurm/down.sh $(SLURM_DIR)
+
+# The SLURM tests against that cluster; it is stopped whatever the tests' outcome.
+slurm-test: install
+	$(MAKE) slurm-up
+	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(BIN)/pytest -q -m slurm tests/test_slurm.py; status=$$?; \
+	$(MAKE) slurm-down; exit $$status
