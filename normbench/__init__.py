@@ -7,8 +7,9 @@ def _gpus_for(total_batch, per_gpu_batch) -> int:
     """`${gpus_for:64,${per_gpu_batch}}`: the GPU count that makes a fixed total batch (small presets)."""
     total, per_gpu = int(total_batch), int(per_gpu_batch)
     if per_gpu < 1 or total % per_gpu:
-        raise ValueError(f"per_gpu_batch={per_gpu} does not divide the preset's {total} images per step; "
-                         f"choose a divisor of {total}")
+        raise ValueError(
+            f"per_gpu_batch={per_gpu} does not divide the preset's {total} images per step; choose a divisor of {total}"
+        )
     return total // per_gpu
 
 

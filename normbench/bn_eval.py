@@ -29,10 +29,11 @@ Cost: one train-mode forward over ``precise_bn_images`` training images and two 
 (preset=fashion_mnist, bn, 8 GPUs x 2 images, OMP_NUM_THREADS=1 on a shared 2-core CPU): 65.7 s, about 0.9 of one
 training epoch of that run (62.6-74.0 s), so ~9% of the preset's 10 epochs; ``bn_eval.enabled=false`` turns it off.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -49,8 +50,12 @@ PRECISE_BN_FIRST_EPOCH = -1  # the loader epoch PreciseBN reads (then -2, ...): 
 
 def batch_statistic_layers(model: nn.Module) -> list[nn.Module]:
     """The layers whose training forward normalizes with per-GPU batch statistics."""
-    return [m for m in model.modules() if isinstance(m, (PerGPUBatchNorm2d, BatchRenorm2d, EvoNorm2dB0))
-            or (isinstance(m, SwitchableNorm2d) and m.use_bn)]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, (PerGPUBatchNorm2d, BatchRenorm2d, EvoNorm2dB0))
+        or (isinstance(m, SwitchableNorm2d) and m.use_bn)
+    ]
 
 
 def _training_images(loader, images: int, world_size: int) -> Iterator[Tensor]:
@@ -77,9 +82,14 @@ def precise_bn(model: nn.Module, train_loader, *, images: int = 8192, forward=No
     docstring); returns the batches this process ran. The caller restores the EMA statistics."""
     d = dist or distributed.Dist()
     reduce = (lambda t: distributed.all_reduce_sum(t, d)) if d.enabled else None
-    return reestimate_statistics(model, batch_statistic_layers(model),
-                                 _training_images(train_loader, images, d.world_size),
-                                 variance="population", forward=forward, reduce=reduce)
+    return reestimate_statistics(
+        model,
+        batch_statistic_layers(model),
+        _training_images(train_loader, images, d.world_size),
+        variance="population",
+        forward=forward,
+        reduce=reduce,
+    )
 
 
 @contextmanager
@@ -161,9 +171,18 @@ class regroup:
             yield carry
 
 
-def evaluations(model: nn.Module, train_loader, eval_loader, evaluate: Callable[[nn.Module, object], dict], *,
-                per_gpu_batch: int, precise_bn_images: int = 8192, forward=None, dist=None,
-                ema: float | None = None) -> dict[str, float]:
+def evaluations(
+    model: nn.Module,
+    train_loader,
+    eval_loader,
+    evaluate: Callable[[nn.Module, object], dict],
+    *,
+    per_gpu_batch: int,
+    precise_bn_images: int = 8192,
+    forward=None,
+    dist=None,
+    ema: float | None = None,
+) -> dict[str, float]:
     """``{"ema": ..., "precise_bn": ..., "batch_stats": ...}`` (top-1 error %) of the final ``model``; only
     ``ema`` when it has no batch-dependent layer. ``evaluate(model, loader) -> {"top1_error": ...}`` is the
     trainer's evaluation; ``ema`` reuses a top-1 error already measured on this exact model. ``forward(model, x)``
@@ -187,8 +206,9 @@ def evaluations(model: nn.Module, train_loader, eval_loader, evaluate: Callable[
         result["precise_bn"] = evaluate(model, eval_loader)["top1_error"]
         for buffer, value in saved:
             buffer.copy_(value)
-        result["batch_stats"] = evaluate(batch_stats_model(model, per_gpu_batch),
-                                         regroup(eval_loader, per_gpu_batch))["top1_error"]
+        result["batch_stats"] = evaluate(batch_stats_model(model, per_gpu_batch), regroup(eval_loader, per_gpu_batch))[
+            "top1_error"
+        ]
     finally:
         for buffer, value in saved:
             buffer.copy_(value)

@@ -19,16 +19,24 @@ def _report(args: list[str]) -> int:
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in options:
-            print(f"normbench report: error: unknown argument {arg!r}; use experiment=NAME results_dir=DIR "
-                  "[out_dir=DIR] [model=MODEL_ID] [data=DATA_NAME]", file=sys.stderr)
+            print(
+                f"normbench report: error: unknown argument {arg!r}; use experiment=NAME results_dir=DIR "
+                "[out_dir=DIR] [model=MODEL_ID] [data=DATA_NAME]",
+                file=sys.stderr,
+            )
             return 2
         options[key] = value
     if not options["experiment"]:
         print("normbench report: error: experiment=NAME is required", file=sys.stderr)
         return 2
     try:
-        summary = build_report(options["experiment"], options["results_dir"], options["out_dir"],
-                               model=options["model"], data=options["data"])
+        summary = build_report(
+            options["experiment"],
+            options["results_dir"],
+            options["out_dir"],
+            model=options["model"],
+            data=options["data"],
+        )
     except ValueError as err:
         print(f"normbench report: error: {err}", file=sys.stderr)
         return 2

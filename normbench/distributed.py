@@ -1,4 +1,5 @@
 """torchrun/DDP plumbing. World size 1 (plain `normbench train`) needs none of it: every function is a no-op."""
+
 from __future__ import annotations
 
 import os

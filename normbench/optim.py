@@ -1,4 +1,5 @@
 """SGD with the papers' weight decay, and the learning-rate schedule as a function of the optimizer step."""
+
 from __future__ import annotations
 
 import math
@@ -29,14 +30,15 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm: bool) ->
         if name.endswith(".bias"):
             exempt.add(id(param))
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm)
-    return torch.optim.SGD(groups, lr=learning_rate(cfg), momentum=cfg.optim.momentum,
-                           nesterov=cfg.optim.nesterov)
+    return torch.optim.SGD(groups, lr=learning_rate(cfg), momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule) -> float:
@@ -48,7 +50,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule) -> float
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     passed = sum(step >= round(m * total_steps) for m in schedule.milestones)
-    return schedule.gamma ** passed
+    return schedule.gamma**passed
 
 
 def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:

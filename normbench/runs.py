@@ -16,6 +16,7 @@ Only completed and diverged runs are skipped when their command is run again. An
 mid-epoch: the work since the last epoch boundary is redone on resume (an epoch is at most minutes here; on
 ImageNet give SLURM's signal a delay of more than one checkpoint write, not of an epoch).
 """
+
 from __future__ import annotations
 
 import errno
@@ -44,9 +45,22 @@ FINAL_STATUSES = ("completed", "diverged")  # a result that needs no more traini
 # Top-level keys, and dotted sub-keys, that never change what a run computes.
 # `experiment` is not identifying on disk (the directory already sits under it) but is part of the wandb id.
 NON_IDENTIFYING = (
-    "results_dir", "logger", "device", "sweep", "experiment", "force", "preset_name", "claims", "bn_eval",
-    "fast.channels_last", "fast.compile", "fast.cudnn_benchmark",
-    "data.root", "data.download", "data.workers", "data.eval_batch",
+    "results_dir",
+    "logger",
+    "device",
+    "sweep",
+    "experiment",
+    "force",
+    "preset_name",
+    "claims",
+    "bn_eval",
+    "fast.channels_last",
+    "fast.compile",
+    "fast.cudnn_benchmark",
+    "data.root",
+    "data.download",
+    "data.workers",
+    "data.eval_batch",
 )
 
 
@@ -70,8 +84,16 @@ def run_id(config: dict) -> str:
 
 def run_name(config: dict) -> str:
     """Readable prefix plus hash: cifar_resnet20-fashion_mnist-gn-8x32-s0-1a2b3c4d5e."""
-    return "-".join([config["model"]["id"], config["data"]["name"], config["norm"]["name"],
-                     f"{config['gpus']}x{config['per_gpu_batch']}", f"s{config['seed']}", run_id(config)])
+    return "-".join(
+        [
+            config["model"]["id"],
+            config["data"]["name"],
+            config["norm"]["name"],
+            f"{config['gpus']}x{config['per_gpu_batch']}",
+            f"s{config['seed']}",
+            run_id(config),
+        ]
+    )
 
 
 def run_dir(config: dict) -> Path:
@@ -164,8 +186,13 @@ def git_state(repo: Path | None = None) -> dict:
 
     try:
         commit = git("rev-parse", "HEAD").strip()
-        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                            ":(exclude)results").splitlines() if line.strip()]
+        changed = [
+            line[3:]
+            for line in git(
+                "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"
+            ).splitlines()
+            if line.strip()
+        ]
     except (OSError, subprocess.SubprocessError):
         commit, changed = "", []
     state = {"commit": commit or None, "dirty": bool(changed)}
@@ -183,8 +210,13 @@ def environment(device: str) -> dict:
             versions[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 -- a missing optional package is recorded, not fatal
             versions[name] = None
-    info = {"git": git_state(), "versions": versions, "device": device, "host": platform.node(),
-            "command": " ".join(sys.argv)}
+    info = {
+        "git": git_state(),
+        "versions": versions,
+        "device": device,
+        "host": platform.node(),
+        "command": " ".join(sys.argv),
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -231,8 +263,9 @@ def read_result(directory: Path) -> dict | None:
     if isinstance(data, dict) and data.get("status") in STATUSES and isinstance(data.get("epochs_completed"), int):
         return data
     aside = set_aside(path)
-    log.warning("%s is damaged or not a normbench result; moved to %s, the run will be resumed or retrained",
-                path, aside.name)
+    log.warning(
+        "%s is damaged or not a normbench result; moved to %s, the run will be resumed or retrained", path, aside.name
+    )
     return None
 
 
@@ -259,6 +292,7 @@ def finished_on_main(directory: Path, d, device, quiet: bool = False) -> dict | 
 @dataclass
 class Outcome:
     """How a run ended: `status` for result.json, `outcome` for the sweep summary (also skipped/resumed)."""
+
     outcome: str
     status: str = "completed"
     diverged_epoch: int | None = None
@@ -271,26 +305,41 @@ class Outcome:
             setattr(self, key, value)
 
 
-def result_record(config: dict, run: Outcome, history: list[dict], resumes: int, wall_time_s: float, *,
-                  metric: float | None, **fields) -> dict:
+def result_record(
+    config: dict, run: Outcome, history: list[dict], resumes: int, wall_time_s: float, *, metric: float | None, **fields
+) -> dict:
     """result.json: the status, the numbers only when every epoch ran, and what produced them (config, git).
     `metric` is the run's median top-1 error of the last 5 epochs; `fields` are the trainer's labels."""
     done = run.status == "completed"
     last = history[-1] if history else {}
     return {
-        "status": run.status, "experiment": config["experiment"], "run_id": run_id(config),
+        "status": run.status,
+        "experiment": config["experiment"],
+        "run_id": run_id(config),
         "run_dir": str(run_dir(config).relative_to(config["results_dir"])),
-        "model": config["model"]["id"], "data": config["data"]["name"], "norm": fields.pop("norm"),
-        "norm_options": fields.pop("norm_options"), "gpus": config["gpus"],
-        "per_gpu_batch": config["per_gpu_batch"], "seed": config["seed"], "epochs": config["epochs"],
+        "model": config["model"]["id"],
+        "data": config["data"]["name"],
+        "norm": fields.pop("norm"),
+        "norm_options": fields.pop("norm_options"),
+        "gpus": config["gpus"],
+        "per_gpu_batch": config["per_gpu_batch"],
+        "seed": config["seed"],
+        "epochs": config["epochs"],
         "epochs_completed": len(history),
         "top1_error_final": last.get("top1_error") if done else None,
         "top1_error_median_last5": metric if done else None,
         "top5_error_final": last.get("top5_error") if done else None,
-        "diverged_epoch": run.diverged_epoch, "error_message": run.error, "interrupted_by": run.interrupted_by,
-        "resumes": resumes, "requeues": requeue_count(), "wall_time_s": round(wall_time_s, 2),
-        "sn_importance": fields.pop("sn_importance"), "lr": fields.pop("lr"), **fields,
-        "git": git_state(), "config": config,
+        "diverged_epoch": run.diverged_epoch,
+        "error_message": run.error,
+        "interrupted_by": run.interrupted_by,
+        "resumes": resumes,
+        "requeues": requeue_count(),
+        "wall_time_s": round(wall_time_s, 2),
+        "sn_importance": fields.pop("sn_importance"),
+        "lr": fields.pop("lr"),
+        **fields,
+        "git": git_state(),
+        "config": config,
     }
 
 
@@ -311,8 +360,12 @@ def load_checkpoint(path: Path, map_location) -> dict | None:
             raise ValueError("missing keys")
     except Exception as err:  # noqa: BLE001 -- any unreadable checkpoint is handled the same way
         aside = set_aside(path)
-        log.warning("%s cannot be read (%s); moved to %s, the run restarts from epoch 0", path,
-                    " ".join(str(err).split())[:120] or type(err).__name__, aside.name)
+        log.warning(
+            "%s cannot be read (%s); moved to %s, the run restarts from epoch 0",
+            path,
+            " ".join(str(err).split())[:120] or type(err).__name__,
+            aside.name,
+        )
         return None
     return state
 
@@ -346,7 +399,8 @@ def check_writable(directory: Path, setting: str = "results_dir") -> None:
     except OSError as err:
         raise RunEnvironmentError(
             f"{setting}={directory} is not writable ({err.strerror or err}); choose a writable directory with "
-            f"{setting}=DIR") from None
+            f"{setting}=DIR"
+        ) from None
 
 
 def environment_cause(err: BaseException) -> OSError | None:
@@ -373,10 +427,11 @@ def describe_environment_error(err: BaseException, directory: Path) -> str | Non
         return None
     where = f" writing {cause.filename}" if cause.filename else f" in {directory}"
     if cause.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"disk full{where} ({cause.strerror}); free space on that file system or set results_dir= to "
-                f"another one, then rerun the same command to resume")
-    return (f"cannot write{where} ({cause.strerror}); make results_dir writable or choose another with "
-            f"results_dir=DIR")
+        return (
+            f"disk full{where} ({cause.strerror}); free space on that file system or set results_dir= to "
+            f"another one, then rerun the same command to resume"
+        )
+    return f"cannot write{where} ({cause.strerror}); make results_dir writable or choose another with results_dir=DIR"
 
 
 # ---- interrupts: recorded, never mistaken for a finished run --------------------------------------------------
@@ -389,8 +444,9 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-INTERRUPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
-                          if hasattr(signal, name))
+INTERRUPT_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+)
 
 
 @contextmanager

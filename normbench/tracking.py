@@ -1,4 +1,5 @@
 """Dashboards: wandb (offline unless asked otherwise), always beside the run's local files."""
+
 from __future__ import annotations
 
 import logging
@@ -30,12 +31,23 @@ class Tracker:
         except Exception as err:  # noqa: BLE001
             log.warning("wandb disabled for this run (%s: %s)", type(err).__name__, err)
             return
-        kwargs = dict(project=cfg.logger.wandb.project, group=cfg.experiment, name=name, id=run_id,
-                      resume="allow", dir=str(run_dir), config=config, job_type="train")
+        kwargs = dict(
+            project=cfg.logger.wandb.project,
+            group=cfg.experiment,
+            name=name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+            job_type="train",
+        )
         if mode == "online":
             try:
-                self.run = wandb.init(mode="online", settings=wandb.Settings(
-                    silent=True, console="off", init_timeout=ONLINE_TIMEOUT_S), **kwargs)
+                self.run = wandb.init(
+                    mode="online",
+                    settings=wandb.Settings(silent=True, console="off", init_timeout=ONLINE_TIMEOUT_S),
+                    **kwargs,
+                )
                 return
             except Exception as err:  # noqa: BLE001 -- no network, no key, server down: all mean "go offline"
                 _online_failed = True
@@ -43,9 +55,13 @@ class Tracker:
                     wandb.teardown()  # the failed online attempt still holds the run id
                 except Exception:  # noqa: BLE001
                     pass
-                log.warning("wandb online failed within %d s (%s); logging offline instead for this process: "
-                            "sync later with `wandb sync %s/wandb/offline-run-*`", ONLINE_TIMEOUT_S,
-                            " ".join(str(err).split())[:160] or type(err).__name__, run_dir)
+                log.warning(
+                    "wandb online failed within %d s (%s); logging offline instead for this process: "
+                    "sync later with `wandb sync %s/wandb/offline-run-*`",
+                    ONLINE_TIMEOUT_S,
+                    " ".join(str(err).split())[:160] or type(err).__name__,
+                    run_dir,
+                )
                 mode = "offline"
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(silent=True, console="off"), **kwargs)
@@ -77,8 +93,9 @@ class LogProgress:
     Nothing is printed for a loop that ends within `delay_s`. Images are counted from each batch's first
     tensor. `set_postfix` (tqdm's) adds its values to the next line."""
 
-    def __init__(self, iterable, total: int, desc: str, every_s: float = LOG_EVERY_S, delay_s: float = 0.0,
-                 clock=time.monotonic):
+    def __init__(
+        self, iterable, total: int, desc: str, every_s: float = LOG_EVERY_S, delay_s: float = 0.0, clock=time.monotonic
+    ):
         self.iterable, self.total, self.desc = iterable, total, desc
         self.every_s, self.delay_s, self.clock = every_s, delay_s, clock
         self.postfix: dict = {}
@@ -91,8 +108,10 @@ class LogProgress:
         digits = 0 if rate >= 10 else 1
         eta = elapsed / step * (self.total - step) if step else 0.0
         extra = "".join(f"  {k} {v}" for k, v in self.postfix.items())
-        return (f"{self.desc}: step {step}/{self.total}  {rate:.{digits}f} img/s  "
-                f"elapsed {_clock_time(elapsed)}  ETA {_clock_time(eta)}{extra}")
+        return (
+            f"{self.desc}: step {step}/{self.total}  {rate:.{digits}f} img/s  "
+            f"elapsed {_clock_time(elapsed)}  ETA {_clock_time(eta)}{extra}"
+        )
 
     def __iter__(self):
         start = last = self.clock()
@@ -128,5 +147,14 @@ def progress(iterable, total: int, desc: str, enabled: bool, delay_s: float = 0.
         return LogProgress(iterable, total, desc, delay_s=delay_s)
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, mininterval=0.5,
-                delay=delay_s, postfix={"img/s": "-"})
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit="step",
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        delay=delay_s,
+        postfix={"img/s": "-"},
+    )

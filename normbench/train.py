@@ -9,6 +9,7 @@ A step processes `gpus x per_gpu_batch` images. Batch-dependent norm layers see 
 The run lives in results_dir/experiment/<name>-<hash>/; rerunning the same command resumes it, and a
 completed (or diverged) run is not trained again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,13 @@ from omegaconf.errors import OmegaConfBaseException
 from normbench import bn_eval, distributed, runs
 from normbench.data import DataError, build_data
 from normbench.models import build_model
-from normbench.norms import (NormConfigError, norm_layer, reestimate_batch_average, switchable_importance,
-                             reads_running_stats_in_training)
+from normbench.norms import (
+    NormConfigError,
+    norm_layer,
+    reads_running_stats_in_training,
+    reestimate_batch_average,
+    switchable_importance,
+)
 from normbench.optim import build_optimizer, build_scheduler, learning_rate
 from normbench.paths import CONFIG_DIR
 from normbench.tracking import Tracker, progress
@@ -60,7 +66,9 @@ def validate(config: dict) -> None:
     if milestones != sorted(milestones) or any(not 0 < m < 1 for m in milestones):
         raise ConfigError(f"schedule.milestones={milestones} must be increasing fractions of training in (0, 1)")
     if not 0 <= schedule["warmup_epochs"] < config["epochs"]:
-        raise ConfigError(f"schedule.warmup_epochs={schedule['warmup_epochs']} must be in [0, epochs={config['epochs']})")
+        raise ConfigError(
+            f"schedule.warmup_epochs={schedule['warmup_epochs']} must be in [0, epochs={config['epochs']})"
+        )
     if config["logger"]["wandb"]["mode"] not in ("offline", "online", "disabled"):
         raise ConfigError("logger.wandb.mode must be offline, online or disabled")
     bn_eval_cfg = config["bn_eval"]
@@ -92,8 +100,11 @@ def norm_options(config: dict) -> dict:
 
 
 def norm_label(config: dict) -> str:
-    return (config["norm"]["name"] + ("+pono_ms" if config["model"].get("pono_ms") else "")
-            + ("+ws" if config["model"]["weight_standardization"] else ""))
+    return (
+        config["norm"]["name"]
+        + ("+pono_ms" if config["model"].get("pono_ms") else "")
+        + ("+ws" if config["model"]["weight_standardization"] else "")
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,10 +119,12 @@ def fast_settings(config: dict, device: torch.device) -> dict:
     """Resolve `auto` switches: on for CUDA, off on the CPU, where they change numbers but not speed."""
     fast, on_gpu = config["fast"], device.type == "cuda"
     amp = fast["amp"] if fast["amp"] != "auto" else ("bf16" if on_gpu else "none")
-    return {"amp": amp,
-            "channels_last": on_gpu if fast["channels_last"] == "auto" else fast["channels_last"],
-            "compile": False if fast["compile"] == "auto" else fast["compile"],
-            "cudnn_benchmark": fast["cudnn_benchmark"]}
+    return {
+        "amp": amp,
+        "channels_last": on_gpu if fast["channels_last"] == "auto" else fast["channels_last"],
+        "compile": False if fast["compile"] == "auto" else fast["compile"],
+        "cudnn_benchmark": fast["cudnn_benchmark"],
+    }
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------
@@ -122,6 +135,7 @@ class Diverged(Exception):
 @dataclass
 class Loop:
     """What every step needs besides the model, the data and the optimizer."""
+
     device: torch.device
     dist: distributed.Dist
     raw_model: torch.nn.Module  # the model without DDP/compile wrappers (its buffers are the running stats)
@@ -161,8 +175,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, loop: Loop)
             if distributed.broadcast_flag(not torch.isfinite(loss_sum).item(), d, device):
                 raise Diverged(epoch + 1)
             if bar is not loader:
-                bar.set_postfix({"loss": f"{loss_sum.item() / (step + 1):.3f}",
-                                 "img/s": f"{(step + 1) * images_per_step / (time.perf_counter() - start):.0f}"})
+                bar.set_postfix(
+                    {
+                        "loss": f"{loss_sum.item() / (step + 1):.3f}",
+                        "img/s": f"{(step + 1) * images_per_step / (time.perf_counter() - start):.0f}",
+                    }
+                )
     seconds = time.perf_counter() - start
     loss_mean = distributed.all_reduce_sum(loss_sum.clone(), d).item() / (len(loader) * d.world_size)
     return {"train_loss": loss_mean, "images_per_s": len(loader) * images_per_step / seconds, "epoch_time_s": seconds}
@@ -180,13 +198,21 @@ def evaluate(model, loader, loop: Loop) -> dict:
         with loop.autocast():
             logits = model(images).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        totals[:3] += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(),
-                                   F.cross_entropy(logits, labels, reduction="sum")]).double()
+        totals[:3] += torch.stack(
+            [
+                (top[:, 0] == labels).sum(),
+                (top == labels[:, None]).any(1).sum(),
+                F.cross_entropy(logits, labels, reduction="sum"),
+            ]
+        ).double()
         count += labels.numel()
     totals[3] = count
     top1, top5, loss, count = distributed.all_reduce_sum(totals, loop.dist).tolist()
-    return {"top1_error": 100.0 * (1 - top1 / count), "top5_error": 100.0 * (1 - top5 / count),
-            "eval_loss": loss / count}
+    return {
+        "top1_error": 100.0 * (1 - top1 / count),
+        "top5_error": 100.0 * (1 - top5 / count),
+        "eval_loss": loss / count,
+    }
 
 
 def median_last5(history: list[dict]) -> float | None:
@@ -207,8 +233,10 @@ def train(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     d = distributed.setup(device.type)
     if cfg.gpus % d.world_size:
-        raise ConfigError(f"gpus={cfg.gpus} is not divisible by the world size {d.world_size}; "
-                          f"launch a number of processes dividing {cfg.gpus}")
+        raise ConfigError(
+            f"gpus={cfg.gpus} is not divisible by the world size {d.world_size}; "
+            f"launch a number of processes dividing {cfg.gpus}"
+        )
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
@@ -225,8 +253,14 @@ def train(cfg: DictConfig) -> dict:
     torch.backends.cudnn.benchmark = fast["cudnn_benchmark"]
     torch.manual_seed(cfg.seed)
     try:  # everything a bad config can break, before a single file is written
-        data = build_data(cfg.data, global_batch=cfg.gpus * cfg.per_gpu_batch, rank=d.rank,
-                          world_size=d.world_size, seed=cfg.seed, device=device)
+        data = build_data(
+            cfg.data,
+            global_batch=cfg.gpus * cfg.per_gpu_batch,
+            rank=d.rank,
+            world_size=d.world_size,
+            seed=cfg.seed,
+            device=device,
+        )
         layer = norm_layer(cfg.norm.name, **norm_options(config))
         model = build_model(cfg.model, layer, data.num_classes, data.in_channels)
     except (NormConfigError, DataError, ValueError) as err:
@@ -277,22 +311,33 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
     if d.is_main:
         runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
         runs.write_text(directory / "overrides.yaml", OmegaConf.to_yaml(_command_line_overrides()))
-        runs.write_json(directory / "env.json", {**runs.environment(str(device)), "fast": fast,
-                                                 "world_size": d.world_size})
+        runs.write_json(
+            directory / "env.json", {**runs.environment(str(device)), "fast": fast, "world_size": d.world_size}
+        )
         runs.write_metrics(directory / "metrics.jsonl", history)  # rebuilt from the checkpoint: never damaged
     train_model = model
     if d.enabled:  # per-GPU statistics: never broadcast rank 0's buffers (see distributed.average_buffers)
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     if fast["compile"]:
         train_model = torch.compile(train_model)
-    loop = Loop(device=device, dist=d, raw_model=model, channels_last=fast["channels_last"],
-                sync_buffers_every_step=reads_running_stats_in_training(model) and d.enabled,
-                show_progress=d.is_main and cfg.logger.progress, amp_dtype=amp_dtype, scaler=scaler)
+    loop = Loop(
+        device=device,
+        dist=d,
+        raw_model=model,
+        channels_last=fast["channels_last"],
+        sync_buffers_every_step=reads_running_stats_in_training(model) and d.enabled,
+        show_progress=d.is_main and cfg.logger.progress,
+        amp_dtype=amp_dtype,
+        scaler=scaler,
+    )
 
     run, by_eval = runs.Outcome(outcome), None
-    with runs.interrupts_raise(), Tracker(cfg, directory, directory.name, runs.wandb_id(config), config,
-                                          enabled=d.is_main) as tracker:
+    with (
+        runs.interrupts_raise(),
+        Tracker(cfg, directory, directory.name, runs.wandb_id(config), config, enabled=d.is_main) as tracker,
+    ):
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 lr = optimizer.param_groups[0]["lr"]
@@ -304,16 +349,31 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                     distributed.average_buffers(model, d)  # every rank evaluates with the same statistics
                 row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, loop)}
                 history.append(row)
-                log.info("epoch %d/%d  loss %.4f  top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s  %.1fs",
-                         epoch + 1, cfg.epochs, row["train_loss"], row["top1_error"], row["top5_error"],
-                         row["images_per_s"], row["epoch_time_s"])
+                log.info(
+                    "epoch %d/%d  loss %.4f  top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s  %.1fs",
+                    epoch + 1,
+                    cfg.epochs,
+                    row["train_loss"],
+                    row["top1_error"],
+                    row["top5_error"],
+                    row["images_per_s"],
+                    row["epoch_time_s"],
+                )
                 if d.is_main:
                     tracker.log(row, step=epoch + 1)
-                    runs.save_torch(checkpoint_path, {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                        "history": history, "resumes": resumes,
-                        "wall_time_s": wall_before + time.perf_counter() - started})
+                    runs.save_torch(
+                        checkpoint_path,
+                        {
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "epoch": epoch + 1,
+                            "history": history,
+                            "resumes": resumes,
+                            "wall_time_s": wall_before + time.perf_counter() - started,
+                        },
+                    )
                     runs.write_metrics(directory / "metrics.jsonl", history)
             by_eval = _final_evaluations(cfg, model, data, loop, history)  # bn_eval (issue 12): after the last epoch
         except Diverged as stop:
@@ -327,8 +387,13 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
             raise
         except BaseException as stop:  # Interrupted (a signal), KeyboardInterrupt, SystemExit (submitit requeue)
             run.end("interrupted", interrupted_by=runs.interruption_name(stop))
-            log.warning("interrupted by %s after %d of %d epochs; rerun the same command to resume from epoch %d",
-                        run.interrupted_by, len(history), cfg.epochs, len(history))
+            log.warning(
+                "interrupted by %s after %d of %d epochs; rerun the same command to resume from epoch %d",
+                run.interrupted_by,
+                len(history),
+                cfg.epochs,
+                len(history),
+            )
             raise
         finally:
             if run.status == "completed" and len(history) != cfg.epochs:  # never claim what did not run
@@ -342,8 +407,13 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                 except OSError as err:  # the disk that stopped the run may not take its record either
                     log.warning("could not write %s: %s", directory / "result.json", err)
                 tracker.summary({k: v for k, v in result.items() if k.startswith("top")})
-    log.info("%s: %s  top-1 err final %s  median(last 5) %s", directory, run.status,
-             result["top1_error_final"], result["top1_error_median_last5"])
+    log.info(
+        "%s: %s  top-1 err final %s  median(last 5) %s",
+        directory,
+        run.status,
+        result["top1_error_final"],
+        result["top1_error_median_last5"],
+    )
     return {**result, "outcome": run.outcome}
 
 
@@ -360,20 +430,39 @@ def _final_evaluations(cfg, model, data, loop: Loop, history) -> dict | None:
             return m(images)
 
     started = time.perf_counter()
-    by_eval = bn_eval.evaluations(model, data.train, data.eval, lambda m, loader: evaluate(m, loader, loop),
-                                  per_gpu_batch=cfg.per_gpu_batch, precise_bn_images=cfg.bn_eval.precise_bn_images,
-                                  forward=forward, dist=loop.dist, ema=history[-1]["top1_error"])
-    log.info("top-1 err of the final model by evaluation: %s (%.1fs)",
-             "  ".join(f"{k} {v:.2f}%" for k, v in by_eval.items()), time.perf_counter() - started)
+    by_eval = bn_eval.evaluations(
+        model,
+        data.train,
+        data.eval,
+        lambda m, loader: evaluate(m, loader, loop),
+        per_gpu_batch=cfg.per_gpu_batch,
+        precise_bn_images=cfg.bn_eval.precise_bn_images,
+        forward=forward,
+        dist=loop.dist,
+        ema=history[-1]["top1_error"],
+    )
+    log.info(
+        "top-1 err of the final model by evaluation: %s (%.1fs)",
+        "  ".join(f"{k} {v:.2f}%" for k, v in by_eval.items()),
+        time.perf_counter() - started,
+    )
     return by_eval
 
 
 def _result(config, run: runs.Outcome, history, resumes, wall_time_s, model) -> dict:
     """The result record (normbench.runs.result_record) with what only the trainer knows."""
     return runs.result_record(
-        config, run, history, resumes, wall_time_s, metric=median_last5(history), norm=norm_label(config),
-        norm_options=norm_options(config), lr=learning_rate(config),
-        sn_importance=switchable_importance(model) if config["norm"]["name"] == "sn" else None)
+        config,
+        run,
+        history,
+        resumes,
+        wall_time_s,
+        metric=median_last5(history),
+        norm=norm_label(config),
+        norm_options=norm_options(config),
+        lr=learning_rate(config),
+        sn_importance=switchable_importance(model) if config["norm"]["name"] == "sn" else None,
+    )
 
 
 def _command_line_overrides() -> list[str]:
@@ -408,8 +497,12 @@ def main(cfg: DictConfig) -> dict:
         print(f"normbench train: error: {one_line(err)}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ConfigError) else 1)
     except (runs.Interrupted, KeyboardInterrupt) as stop:  # SystemExit (submitit's requeue) passes untouched
-        print(f"normbench train: interrupted by {runs.interruption_name(stop)}; the run is recorded as "
-              "interrupted: rerun the same command to resume it", file=sys.stderr, flush=True)
+        print(
+            f"normbench train: interrupted by {runs.interruption_name(stop)}; the run is recorded as "
+            "interrupted: rerun the same command to resume it",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(runs.interruption_exit_code(stop))
     finally:
         distributed.teardown()

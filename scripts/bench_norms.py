@@ -29,8 +29,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from normbench.norms import build_norm  # noqa: E402
 from normbench.norms import batch_norm as bn_mod  # noqa: E402
+from normbench.norms import build_norm  # noqa: E402
 
 FULL_SHAPES = ["32x256x56x56", "32x1024x14x14"]
 SMALL_SHAPES = ["32x64x56x56", "32x256x14x14"]
@@ -63,8 +63,10 @@ def rows_for(N: int, C: int):
                     return m(x)
                 finally:
                     bn_mod.PER_GPU_IMPL = old
+
             fwd.module = m
             return fwd
+
         return make
 
     def direct_group_norm():
@@ -82,8 +84,12 @@ def rows_for(N: int, C: int):
     ]
     if n is not None:
         rows += [
-            (f"bn per_gpu_batch={n} ({CHUNKS} GPUs, default impl)", layer("bn", per_gpu_batch=n),
-             "BN (nn.BatchNorm2d)", 1.2),
+            (
+                f"bn per_gpu_batch={n} ({CHUNKS} GPUs, default impl)",
+                layer("bn", per_gpu_batch=n),
+                "BN (nn.BatchNorm2d)",
+                1.2,
+            ),
             (f"bn per_gpu_batch={n} impl=view (NCHW default)", per_gpu_bn("view"), "BN (nn.BatchNorm2d)", None),
             (f"bn per_gpu_batch={n} impl=fused (channels_last)", per_gpu_bn("fused"), "BN (nn.BatchNorm2d)", None),
         ]
@@ -101,8 +107,12 @@ def rows_for(N: int, C: int):
         ("pono", layer("pono"), "BN (nn.BatchNorm2d)", None),
         ("brn" + (f" per_gpu_batch={n}" if n else ""), layer("brn", per_gpu_batch=n), "BN (nn.BatchNorm2d)", None),
         ("frn", layer("frn"), "BN (nn.BatchNorm2d)", None),
-        ("evonorm_b0" + (f" per_gpu_batch={n}" if n else ""), layer("evonorm_b0", per_gpu_batch=n),
-         "BN (nn.BatchNorm2d)", None),
+        (
+            "evonorm_b0" + (f" per_gpu_batch={n}" if n else ""),
+            layer("evonorm_b0", per_gpu_batch=n),
+            "BN (nn.BatchNorm2d)",
+            None,
+        ),
         (f"evonorm_s0 groups={gn_groups}", layer("evonorm_s0", groups=gn_groups), "BN (nn.BatchNorm2d)", None),
     ]
     return rows
@@ -156,8 +166,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help=f"use {', '.join(SMALL_SHAPES)}")
     ap.add_argument("--shapes", nargs="+", type=parse_shape, help="NxCxHxW shapes (override --small)")
-    ap.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
-                    help="all = cpu, plus cuda when available (default)")
+    ap.add_argument(
+        "--device", choices=["all", "cpu", "cuda"], default="all", help="all = cpu, plus cuda when available (default)"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15 cpu, 30 cuda)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for cpu")
@@ -182,8 +193,11 @@ def main(argv=None):
         for shape in shapes:
             rows, times = measure(shape, device, repeats, args.channels_last, log)
             med = {label: statistics.median(ts) for label, ts in times.items()}
-            ratio = {(label, base): statistics.median(a / b for a, b in zip(times[label], times[base]))
-                     for label, _, base, _ in rows if base is not None}
+            ratio = {
+                (label, base): statistics.median(a / b for a, b in zip(times[label], times[base]))
+                for label, _, base, _ in rows
+                if base is not None
+            }
             columns.append((f"{device.type} {'x'.join(map(str, shape))}", rows, med, ratio))
 
     # one table: rows = union of row labels in order of first appearance
@@ -196,16 +210,18 @@ def main(argv=None):
                 meta[key] = target
     col_w = max(24, *(len(h) + 2 for h, _, _, _ in columns))
     name_w = max(len(lbl) + (len(base) + 6 if base else 0) for lbl, base in order) + 2
-    print(f"normbench norm layers: forward+backward time / baseline time (median over interleaved rounds); "
-          f"torch {torch.__version__}, cpu threads {torch.get_num_threads()}, "
-          f"{'channels_last' if args.channels_last else 'NCHW'}")
+    print(
+        f"normbench norm layers: forward+backward time / baseline time (median over interleaved rounds); "
+        f"torch {torch.__version__}, cpu threads {torch.get_num_threads()}, "
+        f"{'channels_last' if args.channels_last else 'NCHW'}"
+    )
     header = f"{'layer (vs baseline)':<{name_w}}" + "".join(f"{h:>{col_w}}" for h, _, _, _ in columns) + "  target"
     print(header)
     print("-" * len(header))
     for label, base in order:
         name = label if base is None else f"{label} (vs {base.split(' (')[0]})"
         cells = []
-        for _, rows, med, ratio in columns:
+        for _, _rows, med, ratio in columns:
             if label not in med:
                 cells.append(f"{'-':>{col_w}}")
             elif base is None:

@@ -52,13 +52,47 @@ PER_IMAGE_TARGET = {"bn": 0.5, "gn": 0.5}  # issue target at the smallest per-GP
 # Defaults by device; command-line values override them.
 DEFAULTS = {
     # one thread: on a small shared CPU, OpenMP's second thread made steps up to 10x SLOWER and noisier
-    "cpu": dict(model="cifar_resnet8", image_size=28, norms="bn,gn,sn", per_gpu_batch="32,2", gpus=8, amp="none",
-                channels_last=False, repeats=7, steps=3, warmup=2, threads=1),
-    "cuda": dict(model="resnet50", image_size=224, norms="bn,gn,sn", per_gpu_batch="32,2", gpus=8, amp="bf16",
-                 channels_last=True, repeats=7, steps=10, warmup=5),
+    "cpu": dict(
+        model="cifar_resnet8",
+        image_size=28,
+        norms="bn,gn,sn",
+        per_gpu_batch="32,2",
+        gpus=8,
+        amp="none",
+        channels_last=False,
+        repeats=7,
+        steps=3,
+        warmup=2,
+        threads=1,
+    ),
+    "cuda": dict(
+        model="resnet50",
+        image_size=224,
+        norms="bn,gn,sn",
+        per_gpu_batch="32,2",
+        gpus=8,
+        amp="bf16",
+        channels_last=True,
+        repeats=7,
+        steps=10,
+        warmup=5,
+    ),
     # --ci: a few seconds on 2 CPU cores, exercises every code path
-    "ci": dict(model="cifar_resnet8", image_size=8, norms="bn,gn,sn", per_gpu_batch="4,2", gpus=2, amp="none",
-               channels_last=False, repeats=3, steps=2, warmup=1, width=4, norm_groups=2, threads=1),
+    "ci": dict(
+        model="cifar_resnet8",
+        image_size=8,
+        norms="bn,gn,sn",
+        per_gpu_batch="4,2",
+        gpus=2,
+        amp="none",
+        channels_last=False,
+        repeats=3,
+        steps=2,
+        warmup=1,
+        width=4,
+        norm_groups=2,
+        threads=1,
+    ),
 }
 IMAGENET_MODELS = ("resnet50", "resnet18", "timm")
 
@@ -78,14 +112,24 @@ def parse_norm(spec: str) -> tuple[str, str, dict]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="configs/model/NAME.yaml: resnet50, resnet18, cifar_resnet20, cifar_resnet8, "
-                                    "timm, ... (default: cifar_resnet8 on cpu, resnet50 on cuda)")
+    ap.add_argument(
+        "--model",
+        help="configs/model/NAME.yaml: resnet50, resnet18, cifar_resnet20, cifar_resnet8, "
+        "timm, ... (default: cifar_resnet8 on cpu, resnet50 on cuda)",
+    )
     ap.add_argument("--timm-name", help="model.timm_name for --model timm")
     ap.add_argument("--width", type=int, help="model.width override (cifar_resnet models)")
-    ap.add_argument("--norm-groups", type=int, help="model.norm_groups override: the default groups of gn / "
-                                                     "evonorm_s0 (the model config's: 32 ImageNet, 8 CIFAR)")
-    ap.add_argument("--norms", help="comma-separated norms, each name[:key=value...] (default bn,gn,sn); "
-                                    "bn is added as the baseline when missing")
+    ap.add_argument(
+        "--norm-groups",
+        type=int,
+        help="model.norm_groups override: the default groups of gn / "
+        "evonorm_s0 (the model config's: 32 ImageNet, 8 CIFAR)",
+    )
+    ap.add_argument(
+        "--norms",
+        help="comma-separated norms, each name[:key=value...] (default bn,gn,sn); "
+        "bn is added as the baseline when missing",
+    )
     ap.add_argument("--per-gpu-batch", help="comma-separated per-GPU batch sizes (default 32,2)")
     ap.add_argument("--gpus", type=int, help="emulated GPUs: one step = gpus x per_gpu_batch images (default 8)")
     ap.add_argument("--image-size", type=int, help="default 28 on cpu, 224 on cuda")
@@ -93,15 +137,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-classes", type=int, help="default 1000 for ImageNet models, 10 otherwise")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--amp", choices=["none", "bf16"], help="autocast dtype (default none on cpu, bf16 on cuda)")
-    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                    help="channels_last model and input (default on for cuda, off on cpu: torch 2.14's cpu "
-                         "channels_last conv backward corrupts the heap on 4-channel layers)")
+    ap.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="channels_last model and input (default on for cuda, off on cpu: torch 2.14's cpu "
+        "channels_last conv backward corrupts the heap on 4-channel layers)",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (warm-up compiles)")
     ap.add_argument("--repeats", type=int, help="timed rounds per (norm, batch); the median is reported")
     ap.add_argument("--steps", type=int, help="training steps per timed round")
     ap.add_argument("--warmup", type=int, help="untimed steps per (norm, batch) before timing")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads on cpu (default 1: on a small shared "
-                                                 "machine more threads were slower and far noisier)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads on cpu (default 1: on a small shared "
+        "machine more threads were slower and far noisier)",
+    )
     ap.add_argument("--out", help="write OUT.md and OUT.json (or into a directory: bench_train-<model>-<device>.*)")
     ap.add_argument("--ci", action="store_true", help="tiny sizes: a few seconds, for tests")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -132,8 +183,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
     if args.channels_last and args.device == "cpu":
-        print("warning: --channels-last on cpu: torch 2.14's channels_last conv backward corrupts the heap on "
-              "4-channel layers", file=sys.stderr)
+        print(
+            "warning: --channels-last on cpu: torch 2.14's channels_last conv backward corrupts the heap on "
+            "4-channel layers",
+            file=sys.stderr,
+        )
     return args
 
 
@@ -245,15 +299,23 @@ def measure(args, device, log) -> dict:
     results = []
     for runner in runners:
         med = statistics.median(runner.samples)
-        results.append({"norm": runner.label, "per_gpu_batch": runner.per_gpu_batch,
-                        "images_per_step": runner.images_per_step, "layer_options": runner.options,
-                        "images_per_s": med, "samples": runner.samples,
-                        "spread": (max(runner.samples) - min(runner.samples)) / med,
-                        "final_loss": runner.loss})
+        results.append(
+            {
+                "norm": runner.label,
+                "per_gpu_batch": runner.per_gpu_batch,
+                "images_per_step": runner.images_per_step,
+                "layer_options": runner.options,
+                "images_per_s": med,
+                "samples": runner.samples,
+                "spread": (max(runner.samples) - min(runner.samples)) / med,
+                "final_loss": runner.loss,
+            }
+        )
         runner.release()
     for (label, b), why in failed.items():
-        results.append({"norm": label, "per_gpu_batch": b, "images_per_step": args.gpus * b, "images_per_s": None,
-                        "error": why})
+        results.append(
+            {"norm": label, "per_gpu_batch": b, "images_per_step": args.gpus * b, "images_per_s": None, "error": why}
+        )
     by_key = {(r["norm"], r["per_gpu_batch"]): r for r in results}
     reference = REFERENCE_BATCH if REFERENCE_BATCH in args.batches else max(args.batches)
     for r in results:
@@ -294,26 +356,34 @@ def fmt(value, spec: str) -> str:
 def render(args, device, measured: dict) -> tuple[str, str, list[str]]:
     """(header line, Markdown table, target lines)."""
     dtype = "bf16 autocast" if args.amp == "bf16" else "float32"
-    header = (f"bench_train | device: {device_name(device)} | torch {torch.__version__} | dtype {dtype} | "
-              f"channels_last {'on' if args.channels_last else 'off'} | compile {'on' if args.compile else 'off'}")
+    header = (
+        f"bench_train | device: {device_name(device)} | torch {torch.__version__} | dtype {dtype} | "
+        f"channels_last {'on' if args.channels_last else 'off'} | compile {'on' if args.compile else 'off'}"
+    )
     model = args.model + (f" ({args.timm_name})" if args.timm_name else "")
     ref = measured["reference_batch"]
     g = args.gpus
     cols = ["norm"]
     for b in args.batches:
         cols += [f"{g}x{b} img/s", "vs BN"] + ([f"per image vs {g}x{ref}"] if b != ref else [])
-    lines = [f"{model}, {args.image_size}x{args.image_size}x{args.in_channels} synthetic images, {g} emulated GPUs; "
-             f"train step = fwd + bwd + SGD; median of {args.repeats} interleaved rounds x {args.steps} steps "
-             f"(warm-up {args.warmup} steps excluded)", "",
-             "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    lines = [
+        f"{model}, {args.image_size}x{args.image_size}x{args.in_channels} synthetic images, {g} emulated GPUs; "
+        f"train step = fwd + bwd + SGD; median of {args.repeats} interleaved rounds x {args.steps} steps "
+        f"(warm-up {args.warmup} steps excluded)",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|",
+    ]
     by_key = {(r["norm"], r["per_gpu_batch"]): r for r in measured["results"]}
     for label, _, _ in args.norm_specs:
         cells = [label]
         for b in args.batches:
             r = by_key.get((label, b), {})
             ips = r.get("images_per_s")
-            cells += [fmt(ips, ".0f") if ips is not None else r.get("error", "-").split(":")[0],
-                      fmt(r.get("vs_bn"), ".2f")]
+            cells += [
+                fmt(ips, ".0f") if ips is not None else r.get("error", "-").split(":")[0],
+                fmt(r.get("vs_bn"), ".2f"),
+            ]
             if b != ref:
                 cells.append(fmt(r.get("per_image_vs_reference"), ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -322,16 +392,20 @@ def render(args, device, measured: dict) -> tuple[str, str, list[str]]:
         lines += [""] + errors
     spreads = [r["spread"] for r in measured["results"] if r.get("spread") is not None]
     if spreads:
-        lines += ["", f"(max - min) / median over rounds: median {statistics.median(spreads):.0%}, "
-                      f"worst {max(spreads):.0%}"]
+        lines += [
+            "",
+            f"(max - min) / median over rounds: median {statistics.median(spreads):.0%}, worst {max(spreads):.0%}",
+        ]
     targets = []
     small = min(args.batches)
     if small != ref:
         for name, threshold in PER_IMAGE_TARGET.items():
             value = by_key.get((name, small), {}).get("per_image_vs_reference")
             if value is not None:
-                targets.append(f"target: {name} at {g}x{small} >= {threshold}x its {g}x{ref} images/s: "
-                               f"{value:.3f}x {'ok' if value >= threshold else 'MISSED'}")
+                targets.append(
+                    f"target: {name} at {g}x{small} >= {threshold}x its {g}x{ref} images/s: "
+                    f"{value:.3f}x {'ok' if value >= threshold else 'MISSED'}"
+                )
     return header, "\n".join(lines), targets
 
 
@@ -342,14 +416,29 @@ def write_outputs(args, device, header, table, targets, measured) -> list[pathli
     out.parent.mkdir(parents=True, exist_ok=True)
     md, js = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
     command = "python scripts/bench_train.py " + " ".join(sys.argv[1:])
-    md.write_text(f"{header}\n\n{table}\n" + "".join(f"\n{t}" for t in targets) + ("\n" if targets else "")
-                  + f"\n`{command.strip()}`\n")
+    md.write_text(
+        f"{header}\n\n{table}\n"
+        + "".join(f"\n{t}" for t in targets)
+        + ("\n" if targets else "")
+        + f"\n`{command.strip()}`\n"
+    )
     args_dict = {k: v for k, v in vars(args).items() if k not in ("norm_specs",)}
-    payload = {"device": device.type, "device_name": device_name(device), "torch": torch.__version__,
-               "dtype": "bfloat16" if args.amp == "bf16" else "float32", "cuda": torch.version.cuda,
-               "python": platform.python_version(), "host": platform.node(), "git": git_commit(),
-               "command": command.strip(), "args": args_dict, "reference_batch": measured["reference_batch"],
-               "results": measured["results"], "targets": targets, "table_markdown": table}
+    payload = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "dtype": "bfloat16" if args.amp == "bf16" else "float32",
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "git": git_commit(),
+        "command": command.strip(),
+        "args": args_dict,
+        "reference_batch": measured["reference_batch"],
+        "results": measured["results"],
+        "targets": targets,
+        "table_markdown": table,
+    }
     js.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return [md, js]
 

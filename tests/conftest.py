@@ -1,4 +1,5 @@
 """Shared test helpers: compose the REAL configs (configs/) and shrink them to seconds-long CPU runs."""
+
 from __future__ import annotations
 
 import os
@@ -14,34 +15,67 @@ CONFIG_DIR = REPO / "configs"
 
 # A few-second run: 8x8 synthetic images, a width-4 ResNet-8, 4 emulated GPUs x 8 images per step.
 TINY = [
-    "data=synthetic", "data.num_train=256", "data.num_eval=128", "data.image_size=8", "data.num_classes=4",
-    "model=cifar_resnet8", "model.width=4", "model.norm_groups=2", "gpus=4", "per_gpu_batch=8", "epochs=2",
-    "logger.wandb.mode=disabled", "logger.progress=false",
+    "data=synthetic",
+    "data.num_train=256",
+    "data.num_eval=128",
+    "data.image_size=8",
+    "data.num_classes=4",
+    "model=cifar_resnet8",
+    "model.width=4",
+    "model.norm_groups=2",
+    "gpus=4",
+    "per_gpu_batch=8",
+    "epochs=2",
+    "logger.wandb.mode=disabled",
+    "logger.progress=false",
 ]
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None,
-        module: str = "normbench.cli") -> subprocess.CompletedProcess:
+def cli(
+    *args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None, module: str = "normbench.cli"
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd or REPO)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd or REPO,
+    )
 
 
-def torchrun(*args: str, nproc: int = 2, launcher: tuple[str, ...] = (), timeout: float = 300
-             ) -> subprocess.CompletedProcess:
+def torchrun(
+    *args: str, nproc: int = 2, launcher: tuple[str, ...] = (), timeout: float = 300
+) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=NPROC LAUNCHER -m normbench.train ARGS`: real processes, gloo on
     the CPU."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", *launcher, "-m", "normbench.train", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *launcher,
+            "-m",
+            "normbench.train",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,5 @@
 """Float64 helpers shared by the norm-layer tests (references are written in the tests themselves)."""
+
 import torch
 
 D = torch.float64

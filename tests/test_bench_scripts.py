@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts: they run, print one table and write their files. BN's row is BN
 against itself (1.00x by construction): these tests check the plumbing, never a speed."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -35,8 +36,14 @@ def _table_rows(stdout: str) -> dict[str, list[str]]:
 def test_bench_train_ci_smoke_bn_against_itself_is_1x(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--ci", "--quiet", "--out", str(out)],
-                          capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--ci", "--quiet", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("bench_train | device: cpu") and "torch " + _torch_version() in lines[0]
@@ -78,8 +85,11 @@ def test_bench_train_arguments():
     bench = _load_script()
     args = bench.parse_args(["--device", "cpu", "--norms", "gn:groups=4,sn:use_bn=false", "--per-gpu-batch", "8,1"])
     assert args.model == "cifar_resnet8" and args.image_size == 28 and not args.channels_last
-    assert args.norm_specs == [("bn", "bn", {}), ("gn:groups=4", "gn", {"groups": 4}),
-                               ("sn:use_bn=false", "sn", {"use_bn": False})]  # bn added as the baseline
+    assert args.norm_specs == [
+        ("bn", "bn", {}),
+        ("gn:groups=4", "gn", {"groups": 4}),
+        ("sn:use_bn=false", "sn", {"use_bn": False}),
+    ]  # bn added as the baseline
     assert args.batches == [8, 1] and args.num_classes == 10
     cfg = bench.model_config(args)
     # the layer options of `normbench train model=cifar_resnet8 norm=NAME per_gpu_batch=B` (configs/norm/*.yaml)
@@ -87,7 +97,11 @@ def test_bench_train_arguments():
     assert bench.layer_options("gn", {"channels_per_group": 4}, 1, cfg) == {"groups": None, "channels_per_group": 4}
     assert bench.layer_options("bn", {}, 1, cfg) == {"momentum": 0.1, "eps": 1e-5, "per_gpu_batch": 1}
     assert bench.layer_options("sn", {"use_bn": False}, 2, cfg) == {
-        "use_bn": False, "inference": "moving_average", "momentum": 0.1, "per_gpu_batch": 2}
+        "use_bn": False,
+        "inference": "moving_average",
+        "momentum": 0.1,
+        "per_gpu_batch": 2,
+    }
     assert bench.layer_options("ln", {}, 2, cfg) == {}
     imagenet = bench.parse_args(["--device", "cpu", "--model", "resnet50"])
     assert imagenet.num_classes == 1000 and bench.model_config(imagenet).norm_groups == 32
@@ -97,9 +111,14 @@ def test_bench_train_arguments():
 def test_bench_norms_smoke_prints_one_table_with_targets():
     """A tiny shape, one round: every layer row, the paired ratios of the baselines to themselves are 1.00."""
     script = REPO / "scripts" / "bench_norms.py"
-    proc = subprocess.run([sys.executable, str(script), "--shapes", "16x32x4x4", "--device", "cpu", "--repeats", "2",
-                           "--quiet"], capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(script), "--shapes", "16x32x4x4", "--device", "cpu", "--repeats", "2", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("normbench norm layers:") and sum("layer (vs baseline)" in x for x in lines) == 1

@@ -1,5 +1,6 @@
 """normbench.bn_eval (issue 12): PreciseBN and batch-statistics evaluation against float64 references computed
 by hand from the same batches, buffers restored bit-exact, the EMA number equal to the plain evaluation, DDP."""
+
 from __future__ import annotations
 
 import copy
@@ -13,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normbench.bn_eval import batch_statistic_layers, batch_stats_model, evaluations, precise_bn, regroup
+from normbench.norms import build_norm
+
 from conftest import REPO, TINY, compose
 from float64 import D, from_gpu_chunks, gpu_chunks, rand, set_affine
-from normbench.bn_eval import batch_stats_model, batch_statistic_layers, evaluations, precise_bn, regroup
-from normbench.norms import build_norm
 
 EPS = 1e-5
 
@@ -42,8 +44,13 @@ class ListLoader:
 
 def two_bn_model(n, C=4, seed=0):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), set_affine(build_norm("bn", C, per_gpu_batch=n)), nn.ReLU(),
-                          nn.Conv2d(C, C, 3, padding=1), set_affine(build_norm("bn", C, per_gpu_batch=n), seed=3))
+    model = nn.Sequential(
+        nn.Conv2d(3, C, 3, padding=1),
+        set_affine(build_norm("bn", C, per_gpu_batch=n)),
+        nn.ReLU(),
+        nn.Conv2d(C, C, 3, padding=1),
+        set_affine(build_norm("bn", C, per_gpu_batch=n), seed=3),
+    )
     model = model.double()
     with torch.no_grad():  # running statistics far from the data's, so that restoring them is visible
         for bn in (model[1], model[4]):
@@ -73,8 +80,7 @@ def test_precise_bn_is_the_population_statistics_of_the_training_features(images
     assert ran == len(batches) and loader.epochs_read == epochs and loader.epoch == 5  # epoch index put back
     with torch.no_grad():
         f1 = [F.conv2d(x, model[0].weight, model[0].bias, padding=1) for x in batches]
-        f2 = [F.conv2d(F.relu(per_gpu_train_bn(f, model[1], n)), model[3].weight, model[3].bias, padding=1)
-              for f in f1]
+        f2 = [F.conv2d(F.relu(per_gpu_train_bn(f, model[1], n)), model[3].weight, model[3].bias, padding=1) for f in f1]
     for bn, feats in ((model[1], f1), (model[4], f2)):
         mean, var = population(feats)
         torch.testing.assert_close(bn.running_mean, mean, rtol=1e-10, atol=1e-12)
@@ -107,7 +113,9 @@ def test_batch_stats_normalizes_each_group_of_test_images_with_its_own_statistic
         return F.batch_norm(g, None, None, layer.weight, layer.bias, True, 0.0, EPS)  # brn: r = 1, d = 0
 
     with torch.no_grad():
-        expected = torch.cat([from_gpu_chunks([reference(c) for c in gpu_chunks(x[: 2 * n], n)]), reference(x[2 * n:])])
+        expected = torch.cat(
+            [from_gpu_chunks([reference(c) for c in gpu_chunks(x[: 2 * n], n)]), reference(x[2 * n :])]
+        )
     torch.testing.assert_close(y, expected)
     for k, v in layer.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
@@ -133,7 +141,7 @@ def small_resnet(norm, per_gpu_batch=2):
     model = CifarResNet(8, norm_layer(norm, **options), num_classes=3, in_channels=3, width=4)
     model.train()
     with torch.no_grad():  # a few training forwards: running statistics of their own
-        for s in range(3):
+        for _s in range(3):
             model(torch.randn(8, 3, 6, 6))
     return model.eval()
 
@@ -145,7 +153,7 @@ class EvalSet:
 
     def __iter__(self):
         for s in range(0, len(self.y), self.batch):
-            yield self.x[s:s + self.batch], self.y[s:s + self.batch]
+            yield self.x[s : s + self.batch], self.y[s : s + self.batch]
 
 
 @torch.no_grad()
@@ -208,9 +216,17 @@ def test_evaluations_by_hand_on_a_tiny_model():
 
         def head(x, stats1, stats2, group=n):
             h = F.conv2d(x, conv1.weight, conv1.bias, padding=1)
-            h = F.batch_norm(h, *stats1, bn1.weight, bn1.bias, False, 0.0, EPS) if stats1 else per_gpu_train_bn(h, bn1, group)
+            h = (
+                F.batch_norm(h, *stats1, bn1.weight, bn1.bias, False, 0.0, EPS)
+                if stats1
+                else per_gpu_train_bn(h, bn1, group)
+            )
             h = F.conv2d(F.relu(h), conv2.weight, conv2.bias, padding=1)
-            h = F.batch_norm(h, *stats2, bn2.weight, bn2.bias, False, 0.0, EPS) if stats2 else per_gpu_train_bn(h, bn2, group)
+            h = (
+                F.batch_norm(h, *stats2, bn2.weight, bn2.bias, False, 0.0, EPS)
+                if stats2
+                else per_gpu_train_bn(h, bn2, group)
+            )
             return h.mean((2, 3))
 
         def error(logits):
@@ -219,10 +235,12 @@ def test_evaluations_by_hand_on_a_tiny_model():
         precise = error(head(x_eval, (m1, v1), (m2, v2)))
         # the eval loader's 5 + 4 images are regrouped to 4 + 4 + 1 (no group cut at the loader's batch): two
         # batches of 2 GPUs of 2 images (image i of a batch on GPU i mod 2), then image 8 alone over its 6x6 pixels
-        grouped = torch.cat([head(x_eval[:4], None, None), head(x_eval[4:8], None, None),
-                             head(x_eval[8:], None, None, group=None)])
-    assert out["ema"] == pytest.approx(error(head(x_eval, (bn1.running_mean, bn1.running_var),
-                                                  (bn2.running_mean, bn2.running_var))), rel=1e-12)
+        grouped = torch.cat(
+            [head(x_eval[:4], None, None), head(x_eval[4:8], None, None), head(x_eval[8:], None, None, group=None)]
+        )
+    assert out["ema"] == pytest.approx(
+        error(head(x_eval, (bn1.running_mean, bn1.running_var), (bn2.running_mean, bn2.running_var))), rel=1e-12
+    )
     assert out["precise_bn"] == pytest.approx(precise, rel=1e-9)
     assert out["batch_stats"] == pytest.approx(error(grouped), rel=1e-9)
     assert len({out["ema"], out["precise_bn"], out["batch_stats"]}) == 3
@@ -284,13 +302,31 @@ def test_two_process_precise_bn_equals_one_process_emulation(tmp_path, norm):
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     data_cfg = str(REPO / "configs" / "data" / "synthetic.yaml")
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), norm, data_cfg], capture_output=True,
-                         text=True, timeout=300, env=env)
+    one = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one.pt"), norm, data_cfg],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(tmp_path / "two.pt"), norm, data_cfg], capture_output=True, text=True,
-                         timeout=300,
-                         env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path / "two.pt"),
+            norm,
+            data_cfg,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert a.keys() == b.keys() and any(k.endswith("running_var") for k in a)

@@ -48,8 +48,18 @@ def assert_one_line_with_fix(err: pytest.ExceptionInfo, *needles: str):
 
 # ----------------------------------------------------------------------------------------------- configs
 
-COMMON_KEYS = {"name", "root", "download", "augment", "mean", "std", "eval_batch", "workers", "train_subset",
-               "epoch_size"}
+COMMON_KEYS = {
+    "name",
+    "root",
+    "download",
+    "augment",
+    "mean",
+    "std",
+    "eval_batch",
+    "workers",
+    "train_subset",
+    "epoch_size",
+}
 EXTRA_KEYS = {
     "fashion_mnist": set(),
     "cifar10": set(),
@@ -128,8 +138,21 @@ MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 
 def make_loaders(x, y, *, G, rank=0, ws=1, seed=3, padding=2, flip=True, eval_batch=10):
     return build_device_loaders(
-        "t", x, y, x, y, padding=padding, flip=flip, mean=MEAN, std=STD, eval_batch=eval_batch,
-        global_batch=G, rank=rank, world_size=ws, seed=seed, device=CPU,
+        "t",
+        x,
+        y,
+        x,
+        y,
+        padding=padding,
+        flip=flip,
+        mean=MEAN,
+        std=STD,
+        eval_batch=eval_batch,
+        global_batch=G,
+        rank=rank,
+        world_size=ws,
+        seed=seed,
+        device=CPU,
     )
 
 
@@ -147,7 +170,7 @@ def find_crops(batch, x, labels, p):
     keys, hits = [], []
     for oy in range(2 * p + 1):
         for ox in range(2 * p + 1):
-            crop = sources[:, :, oy:oy + h, ox:ox + w]
+            crop = sources[:, :, oy : oy + h, ox : ox + w]
             for fl in (False, True):
                 candidate = naive_normalize(crop.flip(-1) if fl else crop)
                 keys.append((oy, ox, fl))
@@ -279,7 +302,14 @@ def test_synthetic_bundle_deterministic_and_learnable():
     b1 = build_data(cfg, global_batch=32, seed=0, device=CPU)
     b2 = build_data(cfg, global_batch=32, seed=9, device=CPU)
     assert isinstance(b1, DataBundle)
-    assert (b1.name, b1.num_classes, b1.in_channels, b1.image_size, b1.num_train, b1.num_eval) == ("synthetic", 4, 2, 12, 600, 200)
+    assert (b1.name, b1.num_classes, b1.in_channels, b1.image_size, b1.num_train, b1.num_eval) == (
+        "synthetic",
+        4,
+        2,
+        12,
+        600,
+        200,
+    )
     assert len(b1.train) == 600 // 32
     ev1, ev2 = collect(b1.eval), collect(b2.eval)
     assert torch.equal(torch.cat(ev1[0]), torch.cat(ev2[0]))  # the data set does not depend on the training seed
@@ -292,8 +322,11 @@ def test_synthetic_bundle_deterministic_and_learnable():
     acc = (torch.cdist(ex, centroids).argmin(1) == ey).float().mean().item()
     assert acc > 0.8, acc
     # subset = first N images
-    b3 = build_data(load_cfg("synthetic", num_train=600, num_eval=200, image_size=12, channels=2, num_classes=4, train_subset=64),
-                    global_batch=32, device=CPU)
+    b3 = build_data(
+        load_cfg("synthetic", num_train=600, num_eval=200, image_size=12, channels=2, num_classes=4, train_subset=64),
+        global_batch=32,
+        device=CPU,
+    )
     assert b3.num_train == 64 and len(b3.train) == 2
     assert torch.equal(b3.train.images, b1.train.images[:64])
 
@@ -302,7 +335,9 @@ def test_synthetic_bundle_deterministic_and_learnable():
 
 
 def write_idx(path: Path, arr: np.ndarray, magic: int, gz: bool):
-    payload = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.astype(np.uint8).tobytes()
+    payload = (
+        struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.astype(np.uint8).tobytes()
+    )
     if gz:
         with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
             f.write(payload)
@@ -355,7 +390,9 @@ def test_fashion_torchvision_layout(tmp_path):
 def test_fashion_missing_root(tmp_path):
     with pytest.raises(DataError) as e:
         build_data(load_cfg("fashion_mnist", root=str(tmp_path / "nope"), download=False), global_batch=8, device=CPU)
-    assert_one_line_with_fix(e, "fashion_mnist: no files in", "dataset-fashion-mnist", "data.root", "data.download=true")
+    assert_one_line_with_fix(
+        e, "fashion_mnist: no files in", "dataset-fashion-mnist", "data.root", "data.download=true"
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncated_gz", "bad_magic", "short_payload", "label_range", "count_mismatch"])
@@ -400,7 +437,13 @@ def test_fashion_debian_files():
 def make_cifar(root: Path, name: str, per_file=7, seed=0):
     rng = np.random.default_rng(seed)
     if name == "cifar10":
-        folder, train, test, key, k = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10
+        folder, train, test, key, k = (
+            root / "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            b"labels",
+            10,
+        )
         meta = ("batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
     else:
         folder, train, test, key, k = root / "cifar-100-python", ["train"], ["test"], b"fine_labels", 100
@@ -440,7 +483,13 @@ def test_cifar_pickle_round_trip(tmp_path, name):
     n_train = 35 if name == "cifar10" else 7
     for root in (tmp_path, folder):  # the parent (torchvision's root) or the extracted folder itself
         b = build_data(load_cfg(name, root=str(root), download=False), global_batch=4, device=CPU)
-        assert (b.num_train, b.num_eval, b.num_classes, b.in_channels, b.image_size) == (n_train, 7, 10 if name == "cifar10" else 100, 3, 32)
+        assert (b.num_train, b.num_eval, b.num_classes, b.in_channels, b.image_size) == (
+            n_train,
+            7,
+            10 if name == "cifar10" else 100,
+            3,
+            32,
+        )
         assert len(b.train) == n_train // 4
         ex = torch.cat([e[0] for e in b.eval])
         m = torch.tensor(list(load_cfg(name).mean)).view(1, 3, 1, 1)
@@ -524,7 +573,9 @@ def test_fashion_root_resolution_and_download(tmp_path, monkeypatch):
     assert_one_line_with_fix(e, "download into", "failed", "data.root")
 
     make_fashion(tmp_path / "debian", gz=True, n_train=24)
-    assert build_data(load_cfg("fashion_mnist"), global_batch=8, device=CPU).num_train == 24  # Debian wins over the cache
+    assert (
+        build_data(load_cfg("fashion_mnist"), global_batch=8, device=CPU).num_train == 24
+    )  # Debian wins over the cache
 
 
 def test_group_files_compose_with_hydra(tmp_path):
@@ -539,7 +590,10 @@ def test_group_files_compose_with_hydra(tmp_path):
         for name in EXTRA_KEYS:
             cfg = compose(config_name="probe", overrides=[f"data={name}", "data.train_subset=64"])
             assert OmegaConf.is_struct(cfg) and cfg.data.name == name
-        cfg = compose(config_name="probe", overrides=["data.num_train=128", "data.augment.crop_padding=4", "data.augment.flip=true"])
+        cfg = compose(
+            config_name="probe",
+            overrides=["data.num_train=128", "data.augment.crop_padding=4", "data.augment.flip=true"],
+        )
     b = build_data(cfg.data, global_batch=32, device=CPU)
     assert b.num_train == 128 and next(iter(b.train))[0].shape == (32, 3, 32, 32)
 
@@ -548,11 +602,42 @@ def test_epoch_size_takes_the_first_positions_of_each_epochs_order():
     """data.epoch_size: each short epoch is the first positions of that epoch's shuffled order of the WHOLE set
     (labels are the image indices here)."""
     x, y = index_dataset()
-    train = build_device_loaders("t", x, y, x, y, padding=0, flip=False, mean=MEAN, std=STD, eval_batch=10,
-                                 global_batch=8, rank=0, world_size=1, seed=5, device=CPU, epoch_size=40)
+    train = build_device_loaders(
+        "t",
+        x,
+        y,
+        x,
+        y,
+        padding=0,
+        flip=False,
+        mean=MEAN,
+        std=STD,
+        eval_batch=10,
+        global_batch=8,
+        rank=0,
+        world_size=1,
+        seed=5,
+        device=CPU,
+        epoch_size=40,
+    )
     assert len(train[0]) == 40 // 8
-    full = build_device_loaders("t", x, y, x, y, padding=0, flip=False, mean=MEAN, std=STD, eval_batch=10,
-                                global_batch=8, rank=0, world_size=1, seed=5, device=CPU)[0]
+    full = build_device_loaders(
+        "t",
+        x,
+        y,
+        x,
+        y,
+        padding=0,
+        flip=False,
+        mean=MEAN,
+        std=STD,
+        eval_batch=10,
+        global_batch=8,
+        rank=0,
+        world_size=1,
+        seed=5,
+        device=CPU,
+    )[0]
     seen = []
     for epoch in range(4):
         labels = torch.cat(collect(train[0], epoch)[1])
@@ -562,6 +647,10 @@ def test_epoch_size_takes_the_first_positions_of_each_epochs_order():
     assert not torch.equal(seen[0], seen[1])
     assert torch.cat(seen).unique().numel() > 60  # drawn from the whole set, not from a fixed first 40
     with pytest.raises(DataError) as err:
-        build_data(load_cfg("synthetic", num_train=100, num_eval=10, image_size=8, epoch_size=4),
-                   global_batch=8, seed=5, device=CPU)
+        build_data(
+            load_cfg("synthetic", num_train=100, num_eval=10, image_size=8, epoch_size=4),
+            global_batch=8,
+            seed=5,
+            device=CPU,
+        )
     assert_one_line_with_fix(err, "epoch_size")

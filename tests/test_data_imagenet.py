@@ -56,7 +56,14 @@ def collect(loader, epoch=None):
 
 def test_bundle_shapes(folder):
     b = make(folder, G=4)
-    assert (b.name, b.num_classes, b.in_channels, b.image_size, b.num_train, b.num_eval) == ("imagenet", 2, 3, 32, 12, 6)
+    assert (b.name, b.num_classes, b.in_channels, b.image_size, b.num_train, b.num_eval) == (
+        "imagenet",
+        2,
+        3,
+        32,
+        12,
+        6,
+    )
     assert len(b.train) == 3
     xs, ys = collect(b.train, 0)
     assert len(xs) == 3 and all(x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 for x in xs)
@@ -102,7 +109,9 @@ def test_eval_shards(folder):
     from torchvision.transforms import functional as TF
 
     img = Image.open(sorted((folder / "val" / "ant").iterdir())[0]).convert("RGB")
-    ref = TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(img, 37), 32)), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    ref = TF.normalize(
+        TF.to_tensor(TF.center_crop(TF.resize(img, 37), 32)), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    )
     torch.testing.assert_close(full_x[0][0], ref)
 
 

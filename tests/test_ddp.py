@@ -1,6 +1,7 @@
 """Several real processes (torchrun, gloo on the CPU) against one process emulating every GPU, and the
 submitit -> torchrun environment export. A run under DDP must be the run one process computes: same weights,
 same running statistics (README: "What images per GPU means here")."""
+
 from __future__ import annotations
 
 import copy
@@ -11,9 +12,10 @@ import socket
 import pytest
 import torch
 
-from conftest import TINY, cli, torchrun
 from normbench import distributed
 from normbench.norms import build_norm
+
+from conftest import TINY, cli, torchrun
 
 
 def _run_dir(root):
@@ -30,16 +32,29 @@ def _state(run_dir):
 # evonorm_b0: per-GPU variance in training, running variance averaged like BN's;
 # syncbn: SyncBatchNorm over both processes = one BN over the whole batch in one process.
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", [
-    pytest.param("brn", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="open: DDP brn differs from the emulation by ~1e-4 absolute (parameters ~1e-3) with or without the "
-               "per-step buffer average, while the float64 rule below is exact; to be diagnosed")),
-    "evonorm_b0",
-    pytest.param("syncbn", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="torch's SyncBatchNorm raises 'expected input tensor to be on GPU' on the CPU (gloo)")),
-])
+@pytest.mark.parametrize(
+    "norm",
+    [
+        pytest.param(
+            "brn",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=AssertionError,
+                reason="open: DDP brn differs from the emulation by ~1e-4 absolute (parameters ~1e-3) with or "
+                "without the per-step buffer average, while the float64 rule below is exact; to be diagnosed",
+            ),
+        ),
+        "evonorm_b0",
+        pytest.param(
+            "syncbn",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=AssertionError,
+                reason="torch's SyncBatchNorm raises 'expected input tensor to be on GPU' on the CPU (gloo)",
+            ),
+        ),
+    ],
+)
 def test_two_process_ddp_matches_one_process_emulation(tmp_path, norm):
     args = [*TINY, f"norm={norm}", "epochs=1", "data.num_train=256"]  # 8 steps of 4 GPUs x 8 images
     single = cli("train", *args, f"results_dir={tmp_path / 'one'}")
@@ -62,14 +77,23 @@ def test_two_process_ddp_matches_one_process_emulation(tmp_path, norm):
 def test_a_diverged_loss_stops_every_rank(tmp_path):
     logs = tmp_path / "logs"
     # --log-dir/--redirects 3: each rank's stdout/stderr in its own file, so each rank's stop can be read
-    proc = torchrun(*TINY, "norm=none", "base_lr=1e6", "logger.check_every=1", "epochs=3",
-                    f"results_dir={tmp_path / 'runs'}", launcher=("--log-dir", str(logs), "--redirects", "3"),
-                    timeout=180)
+    proc = torchrun(
+        *TINY,
+        "norm=none",
+        "base_lr=1e6",
+        "logger.check_every=1",
+        "epochs=3",
+        f"results_dir={tmp_path / 'runs'}",
+        launcher=("--log-dir", str(logs), "--redirects", "3"),
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]  # neither rank crashed nor hung waiting for the other
     result = json.loads((_run_dir(tmp_path / "runs") / "result.json").read_text())
     assert result["status"] == "diverged" and result["diverged_epoch"] == 1 and result["epochs_completed"] == 0
-    rank_logs = {int(d.name): (d / "stdout.log").read_text() + (d / "stderr.log").read_text()
-                 for d in {p.parent for p in logs.rglob("stdout.log")}}
+    rank_logs = {
+        int(d.name): (d / "stdout.log").read_text() + (d / "stderr.log").read_text()
+        for d in {p.parent for p in logs.rglob("stdout.log")}
+    }
     assert sorted(rank_logs) == [0, 1], sorted(logs.rglob("*"))
     for rank, text in rank_logs.items():
         assert "run diverged: non-finite training loss in epoch 1" in text, (rank, text[-2000:])
@@ -103,8 +127,9 @@ def _rank_halves_against_one_layer(name: str, average_every_step: bool, steps: i
     return worst
 
 
-@pytest.mark.parametrize("name, options", [("brn", {"rmax": 100.0, "dmax": 100.0}), ("brn", {}),
-                                           ("evonorm_b0", {}), ("bn", {})])
+@pytest.mark.parametrize(
+    "name, options", [("brn", {"rmax": 100.0, "dmax": 100.0}), ("brn", {}), ("evonorm_b0", {}), ("bn", {})]
+)
 def test_rank_halves_with_buffers_averaged_every_step_are_one_emulating_layer(name, options):
     """The rule behind the trainer's per-step buffer average (distributed.average_buffers): exact in float64.
     Batch renorm reads its running statistics while training, so without the average the ranks drift apart."""
@@ -116,10 +141,22 @@ def test_rank_halves_with_buffers_averaged_every_step_are_one_emulating_layer(na
 # ---- submitit: a multi-task SLURM / local job exports the env:// variables torchrun would set ----------------
 
 _EXPORTED = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-_SUBMITIT_LOCAL = ("SUBMITIT_EXECUTOR", "SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_LOCAL_NTASKS",
-                   "SUBMITIT_LOCAL_JOB_NUM_NODES", "SUBMITIT_LOCAL_NODEID", "SUBMITIT_LOCAL_GLOBALID",
-                   "SUBMITIT_LOCAL_LOCALID", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NODELIST",
-                   "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_NUM_NODES", "_TEST_CLUSTER_")
+_SUBMITIT_LOCAL = (
+    "SUBMITIT_EXECUTOR",
+    "SUBMITIT_LOCAL_JOB_ID",
+    "SUBMITIT_LOCAL_NTASKS",
+    "SUBMITIT_LOCAL_JOB_NUM_NODES",
+    "SUBMITIT_LOCAL_NODEID",
+    "SUBMITIT_LOCAL_GLOBALID",
+    "SUBMITIT_LOCAL_LOCALID",
+    "SLURM_JOB_ID",
+    "SLURM_NTASKS",
+    "SLURM_JOB_NODELIST",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_JOB_NUM_NODES",
+    "_TEST_CLUSTER_",
+)
 
 
 @pytest.fixture
@@ -135,10 +172,15 @@ def _exported_for_local_task(monkeypatch, task: int) -> dict:
     """What _export_submitit_env exports in task TASK of a 3-task job of submitit's local executor (the variables
     that executor sets: submitit/local/local.py)."""
     with monkeypatch.context() as m:
-        for name, value in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242",
-                            "SUBMITIT_LOCAL_NTASKS": "3", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
-                            "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": str(task),
-                            "SUBMITIT_LOCAL_LOCALID": str(task)}.items():
+        for name, value in {
+            "SUBMITIT_EXECUTOR": "local",
+            "SUBMITIT_LOCAL_JOB_ID": "4242",
+            "SUBMITIT_LOCAL_NTASKS": "3",
+            "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+            "SUBMITIT_LOCAL_NODEID": "0",
+            "SUBMITIT_LOCAL_GLOBALID": str(task),
+            "SUBMITIT_LOCAL_LOCALID": str(task),
+        }.items():
             m.setenv(name, value)
         for name in _EXPORTED:  # undo the export when the context ends
             m.setenv(name, "")
@@ -151,8 +193,12 @@ def test_multi_task_submitit_job_exports_the_torchrun_variables(clean_env):
     tasks = [_exported_for_local_task(clean_env, task) for task in range(3)]
     for task, exported in enumerate(tasks):
         assert {k: v for k, v in exported.items() if k != "MASTER_PORT"} == {
-            "MASTER_ADDR": socket.gethostname(), "RANK": str(task), "WORLD_SIZE": "3", "LOCAL_RANK": str(task),
-            "LOCAL_WORLD_SIZE": "3"}
+            "MASTER_ADDR": socket.gethostname(),
+            "RANK": str(task),
+            "WORLD_SIZE": "3",
+            "LOCAL_RANK": str(task),
+            "LOCAL_WORLD_SIZE": "3",
+        }
     ports = {t["MASTER_PORT"] for t in tasks}
     assert len(ports) == 1 and 1024 <= int(ports.pop()) <= 65535  # every task meets at the same port
     assert not any(k in os.environ for k in _EXPORTED)

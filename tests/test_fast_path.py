@@ -1,6 +1,7 @@
 """The fast path (issue: GPU fast path): bf16 autocast keeps norm statistics in float32, the switches change a
 run's numbers only by float error, and on a GPU: layouts stay channels_last and a step never syncs the host.
 GPU tests are marked `gpu` (`pytest -m gpu` selects them; conftest skips them where there is no CUDA device)."""
+
 from __future__ import annotations
 
 import copy
@@ -9,12 +10,17 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, compose
 from normbench.norms import NORM_NAMES, build_norm
 from normbench.train import fast_settings, train
 
-BATCH_DEPENDENT = {"bn": {"per_gpu_batch": 4}, "sn": {"per_gpu_batch": 4}, "brn": {"per_gpu_batch": 4},
-                   "evonorm_b0": {"per_gpu_batch": 4}}
+from conftest import TINY, compose
+
+BATCH_DEPENDENT = {
+    "bn": {"per_gpu_batch": 4},
+    "sn": {"per_gpu_batch": 4},
+    "brn": {"per_gpu_batch": 4},
+    "evonorm_b0": {"per_gpu_batch": 4},
+}
 OPTIONS = {**BATCH_DEPENDENT, "gn": {"groups": 4}, "evonorm_s0": {"groups": 4}}
 
 
@@ -77,8 +83,12 @@ def test_auto_switches_are_off_on_the_cpu_and_on_for_cuda():
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    assert fast_settings(config, torch.device("cpu")) == {"amp": "none", "channels_last": False, "compile": False,
-                                                           "cudnn_benchmark": True}
+    assert fast_settings(config, torch.device("cpu")) == {
+        "amp": "none",
+        "channels_last": False,
+        "compile": False,
+        "cudnn_benchmark": True,
+    }
     assert fast_settings(config, torch.device("cuda"))["amp"] == "bf16"
     assert fast_settings(config, torch.device("cuda"))["channels_last"] is True
 
@@ -115,14 +125,19 @@ def test_cuda_layers_keep_channels_last_under_bf16(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["bn", "gn", "sn", "brn", "evonorm_b0"])
 def test_cuda_training_step_never_syncs_the_host(name):
-    from normbench.models import build_model
-    from normbench.norms import norm_layer
     from omegaconf import OmegaConf
 
-    model_cfg = OmegaConf.create({"name": "cifar_resnet", "depth": 8, "width": 16, "zero_init_last_gamma": True,
-                                  "weight_standardization": False})
-    model = build_model(model_cfg, norm_layer(name, **OPTIONS.get(name, {"groups": 8} if name == "gn" else {})),
-                        10, 3).cuda().to(memory_format=torch.channels_last)
+    from normbench.models import build_model
+    from normbench.norms import norm_layer
+
+    model_cfg = OmegaConf.create(
+        {"name": "cifar_resnet", "depth": 8, "width": 16, "zero_init_last_gamma": True, "weight_standardization": False}
+    )
+    model = (
+        build_model(model_cfg, norm_layer(name, **OPTIONS.get(name, {"groups": 8} if name == "gn" else {})), 10, 3)
+        .cuda()
+        .to(memory_format=torch.channels_last)
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(32, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (32,), device="cuda")

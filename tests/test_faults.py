@@ -1,6 +1,7 @@
 """Faults injected for real (signals to a real training process, truncated files, a full or read-only file
 system, a corrupt image, an unreachable wandb server), and what a user sees: the run's recorded status, one
 line on stderr, the exit status, and a rerun that ends with the numbers of an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ pytestmark = pytest.mark.slow
 
 # Three epochs of 128 steps: long enough for a signal sent after epoch 1's checkpoint to land mid-run on any
 # machine; random crop and flip on, so a resume must replay the same augmentation to match.
-LONG = [*TINY, "data.num_train=4096", "epochs=3", "per_gpu_batch=8", "data.augment.crop_padding=2",
-        "data.augment.flip=true"]
+LONG = [
+    *TINY,
+    "data.num_train=4096",
+    "epochs=3",
+    "per_gpu_batch=8",
+    "data.augment.crop_padding=2",
+    "data.augment.flip=true",
+]
 
 
 def _result(directory: Path) -> dict:
@@ -59,8 +66,14 @@ def reference(tmp_path_factory) -> Path:
 
 def _start(args: list[str], code: str | None = None) -> subprocess.Popen:
     command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "normbench.cli", "train"]
-    return subprocess.Popen([*command, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    return subprocess.Popen(
+        [*command, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+    )
 
 
 def _wait_for_first_epoch(root: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -98,8 +111,10 @@ def test_signal_mid_run_records_interrupted_and_the_rerun_resumes_to_the_same_nu
     assert proc.returncode == 128 + signum, stderr
     name = signal.Signals(signum).name
     told = [line for line in stderr.splitlines() if line.startswith("normbench train:")]
-    assert told == [f"normbench train: interrupted by {name}; the run is recorded as interrupted: rerun the same "
-                    "command to resume it"], stderr
+    assert told == [
+        f"normbench train: interrupted by {name}; the run is recorded as interrupted: rerun the same "
+        "command to resume it"
+    ], stderr
     run = _run_dir(tmp_path)
     interrupted = _result(tmp_path)
     assert interrupted["status"] == "interrupted" and interrupted["interrupted_by"] == name
@@ -155,6 +170,7 @@ def _drop_result_and(damage_checkpoint):
     def damage(run: Path) -> None:
         (run / "result.json").unlink()  # a run killed before its end
         damage_checkpoint(run / "checkpoint.pt")
+
     return damage
 
 
@@ -212,8 +228,9 @@ def test_force_retrains_a_finished_run_and_keeps_the_old_one(tmp_path, reference
 
 def _mount_tmpfs(path: Path, options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    )
 
 
 @pytest.fixture
@@ -258,7 +275,8 @@ def test_read_only_results_dir_fails_in_one_line_even_for_a_finished_run(tmp_pat
             assert _stderr_lines(proc) == [
                 f"normbench train: error: results_dir={results_dir} is not writable "
                 f"({'Read-only file system' if root_and_mounts else 'Permission denied'}); choose a writable "
-                "directory with results_dir=DIR"], proc.stderr
+                "directory with results_dir=DIR"
+            ], proc.stderr
     finally:
         if root_and_mounts:
             subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -279,8 +297,18 @@ def test_a_corrupt_image_is_named_in_one_line(tmp_path):
     bad = tmp_path / "data" / "train" / "b" / "3.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # a JPEG cut short, as a failed copy leaves it
     args = [a for a in TINY if not a.startswith("data")]
-    proc = cli("train", *args, "data=imagenet", f"data.root={tmp_path / 'data'}", "data.image_size=16",
-               "data.workers=0", "gpus=2", "per_gpu_batch=4", "epochs=1", f"results_dir={tmp_path / 'runs'}")
+    proc = cli(
+        "train",
+        *args,
+        "data=imagenet",
+        f"data.root={tmp_path / 'data'}",
+        "data.image_size=16",
+        "data.workers=0",
+        "gpus=2",
+        "per_gpu_batch=4",
+        "epochs=1",
+        f"results_dir={tmp_path / 'runs'}",
+    )
     assert proc.returncode == 1
     lines = _error_lines(proc)
     assert len(lines) == 1 and str(bad) in lines[0] and "replace or remove" in lines[0], proc.stderr
@@ -290,11 +318,16 @@ def test_a_corrupt_image_is_named_in_one_line(tmp_path):
 
 def test_wandb_online_without_network_goes_offline_once_within_the_bound(tmp_path):
     # a port nothing listens on: the server is unreachable (no traffic leaves this machine)
-    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
-           "WANDB_DIR": str(tmp_path)}
+    env = {
+        "WANDB_MODE": "online",
+        "WANDB_API_KEY": "a" * 40,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_DIR": str(tmp_path),
+    }
     started = time.time()
-    proc = cli("train", "-m", *TINY, "epochs=1", "seed=0,1", "logger.wandb.mode=online",
-               f"results_dir={tmp_path}", env=env)
+    proc = cli(
+        "train", "-m", *TINY, "epochs=1", "seed=0,1", "logger.wandb.mode=online", f"results_dir={tmp_path}", env=env
+    )
     elapsed = time.time() - started
     assert proc.returncode == 0, proc.stderr
     said = [line for line in proc.stdout.splitlines() if "wandb online failed" in line]
@@ -308,8 +341,9 @@ def test_fp16_trains_with_a_grad_scaler_and_is_its_own_run(tmp_path):
     fp32 = cli("train", *TINY, "epochs=1", f"results_dir={tmp_path}")
     fp16 = cli("train", *TINY, "epochs=1", "fast.amp=fp16", f"results_dir={tmp_path}")
     assert fp32.returncode == 0 and fp16.returncode == 0, fp16.stderr
-    results = sorted((json.loads(p.read_text()) for p in tmp_path.rglob("result.json")),
-                     key=lambda r: r["config"]["fast"]["amp"])
+    results = sorted(
+        (json.loads(p.read_text()) for p in tmp_path.rglob("result.json")), key=lambda r: r["config"]["fast"]["amp"]
+    )
     assert [r["config"]["fast"]["amp"] for r in results] == ["fp16", "none"]
     assert results[0]["run_dir"] != results[1]["run_dir"] and all(r["status"] == "completed" for r in results)
     state = torch.load(tmp_path / results[0]["run_dir"] / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -317,10 +351,11 @@ def test_fp16_trains_with_a_grad_scaler_and_is_its_own_run(tmp_path):
 
 
 def test_wandb_id_and_run_hash_separate_what_must_not_mix():
-    from conftest import compose
     from omegaconf import OmegaConf
 
     from normbench import runs
+
+    from conftest import compose
 
     def config(*extra):
         return OmegaConf.to_container(compose([*TINY, *extra]), resolve=True)

@@ -1,6 +1,7 @@
 """Models against independent references: hand-counted parameters, torchvision's ResNet-50 layout, the papers'
 init recipe (docs/papers.md section 2), Weight Standardization re-derived in float64, timm and the real configs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,12 +46,12 @@ def test_cifar_resnet20_parameter_count_by_hand():
     # norm on the first block of stages 2 and 3 (shape changes); every norm has weight + bias (2C parameters).
     conv3 = lambda cin, cout: cin * cout * 9  # noqa: E731
     norm = lambda c: 2 * c  # noqa: E731
-    stem = conv3(3, 16) + norm(16)                                          # 432 + 32
+    stem = conv3(3, 16) + norm(16)  # 432 + 32
     block = lambda cin, cout: conv3(cin, cout) + norm(cout) + conv3(cout, cout) + norm(cout)  # noqa: E731
     shortcut = lambda cin, cout: cin * cout + norm(cout)  # 1x1 projection conv + its norm  # noqa: E731
-    stage1 = 3 * block(16, 16)                                              # 3 x 4672
-    stage2 = block(16, 32) + shortcut(16, 32) + 2 * block(32, 32)           # 13952 + 576 + 2 x 18560
-    stage3 = block(32, 64) + shortcut(32, 64) + 2 * block(64, 64)           # 55552 + 2176 + 2 x 73984
+    stage1 = 3 * block(16, 16)  # 3 x 4672
+    stage2 = block(16, 32) + shortcut(16, 32) + 2 * block(32, 32)  # 13952 + 576 + 2 x 18560
+    stage3 = block(32, 64) + shortcut(32, 64) + 2 * block(64, 64)  # 55552 + 2176 + 2 x 73984
     fc = 64 * 10 + 10
     expected = stem + stage1 + stage2 + stage3 + fc
     assert expected == 272_474  # = the 0.27M of He et al. (269,722 with option-A shortcuts) + 2,752 projection
@@ -59,8 +60,10 @@ def test_cifar_resnet20_parameter_count_by_hand():
     for name in ("bn", "gn"):
         model = build_model(model_cfg("cifar_resnet20"), layer_for(name, groups=8), 10, 3)
         assert n_params(model) == expected, name
-        assert sum(m.num_channels if hasattr(m, "num_channels") else m.num_features for m in norms_of(model)) \
+        assert (
+            sum(m.num_channels if hasattr(m, "num_channels") else m.num_features for m in norms_of(model))
             == norm_channels
+        )
     no_norm = build_model(model_cfg("cifar_resnet20"), norm_layer("none"), 10, 3)
     assert n_params(no_norm) == expected - 2 * norm_channels
     # layout: 3 stages x 3 blocks, projections exactly where the shape changes
@@ -79,8 +82,9 @@ def test_cifar_resnet_output_shape(depth, n_blocks, in_channels, size):
     out = model(torch.randn(2, in_channels, size, size))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     # spatial: 32 -> 32 -> 16 -> 8 (28 -> 28 -> 14 -> 7) before the global pool
-    feats = model.layer3(model.layer2(model.layer1(model.relu(model.bn1(model.conv1(
-        torch.randn(1, in_channels, size, size)))))))
+    feats = model.layer3(
+        model.layer2(model.layer1(model.relu(model.bn1(model.conv1(torch.randn(1, in_channels, size, size))))))
+    )
     assert feats.shape == (1, 64, math.ceil(size / 4), math.ceil(size / 4))
 
 
@@ -111,9 +115,16 @@ def test_resnet50_every_norm_is_ours(name):
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
     assert all(type(m) is cls for m in norms_of(model))  # no other norm type anywhere
     # every norm slot of torchvision's layout holds ours: stem, bn1..bn3 of each block, downsample[1]
-    slots = [model.bn1] + [getattr(b, f"bn{i}") for layer in (model.layer1, model.layer2, model.layer3, model.layer4)
-                           for b in layer for i in (1, 2, 3)] + \
-            [layer[0].downsample[1] for layer in (model.layer1, model.layer2, model.layer3, model.layer4)]
+    slots = (
+        [model.bn1]
+        + [
+            getattr(b, f"bn{i}")
+            for layer in (model.layer1, model.layer2, model.layer3, model.layer4)
+            for b in layer
+            for i in (1, 2, 3)
+        ]
+        + [layer[0].downsample[1] for layer in (model.layer1, model.layer2, model.layer3, model.layer4)]
+    )
     assert len(slots) == R50_NORMS and all(type(s) is cls for s in slots)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -154,8 +165,9 @@ def test_resnet50_recipe_init(name):
     assert len(blocks) == 16
     last = {id(b.bn3) for b in blocks}
     for b in blocks:
-        assert torch.equal(b.bn3.weight, torch.zeros(b.bn3.num_channels if hasattr(b.bn3, "num_channels")
-                                                      else b.bn3.num_features))
+        assert torch.equal(
+            b.bn3.weight, torch.zeros(b.bn3.num_channels if hasattr(b.bn3, "num_channels") else b.bn3.num_features)
+        )
     others = [n for n in norms_of(model) if id(n) not in last]
     assert len(others) == R50_NORMS - 16
     shortcut = [layer[0].downsample[1] for layer in (model.layer1, model.layer2, model.layer3, model.layer4)]
@@ -239,8 +251,9 @@ def test_weight_standardization(model_name):
     torch.manual_seed(1)
     for conv in convs[:3] + convs[-3:]:
         x = torch.randn(2, conv.in_channels, 9, 9)
-        ref = F.conv2d(x.double(), ws_reference(conv.weight), None, conv.stride, conv.padding, conv.dilation,
-                       conv.groups)
+        ref = F.conv2d(
+            x.double(), ws_reference(conv.weight), None, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
         out = conv(x)
         assert out.shape == ref.shape
         # float32 module: accumulation error grows with the output scale (~sqrt(fan_in))

@@ -7,9 +7,18 @@ import torch
 import torchvision
 from torch import nn
 
-from normbench.norms import (NORM_NAMES, DynamicMomentShortcut, MomentShortcut, NormConfigError,
-                             WSConv2d, build_norm, is_norm_layer, norm_layer, norm_options,
-                             reestimate_batch_average, switchable_importance, reads_running_stats_in_training)
+from normbench.norms import (
+    NORM_NAMES,
+    MomentShortcut,
+    NormConfigError,
+    WSConv2d,
+    build_norm,
+    is_norm_layer,
+    norm_layer,
+    norm_options,
+    reads_running_stats_in_training,
+    switchable_importance,
+)
 
 EXPECTED_NAMES = {"bn", "syncbn", "gn", "ln", "in", "sn", "pono", "brn", "frn", "evonorm_b0", "evonorm_s0", "none"}
 
@@ -24,8 +33,19 @@ def test_names_and_options():
     assert norm_options("syncbn") == frozenset({"momentum", "eps"})
     assert norm_options("gn") == frozenset({"groups", "channels_per_group", "eps"})
     assert {"per_gpu_batch", "use_bn", "inference", "momentum", "eps"} <= norm_options("sn")
-    assert {"rmax", "dmax", "schedule", "warmup_steps", "rmax_max", "rmax_steps", "dmax_max", "dmax_steps",
-            "per_gpu_batch", "momentum", "eps"} <= norm_options("brn")
+    assert {
+        "rmax",
+        "dmax",
+        "schedule",
+        "warmup_steps",
+        "rmax_max",
+        "rmax_steps",
+        "dmax_max",
+        "dmax_steps",
+        "per_gpu_batch",
+        "momentum",
+        "eps",
+    } <= norm_options("brn")
     assert {"affine", "eps", "return_moments"} <= norm_options("pono")
     assert norm_options("none") == frozenset()
     for name in NORM_NAMES:
@@ -33,24 +53,36 @@ def test_names_and_options():
     assert {n for n in NORM_NAMES if "per_gpu_batch" in norm_options(n)} == {"bn", "sn", "brn", "evonorm_b0"}
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: build_norm("batchnorm", 8), r"^unknown norm 'batchnorm'; choose one of bn, syncbn"),
-    (lambda: norm_options("xx"), r"^unknown norm 'xx'"),
-    (lambda: build_norm("gn", 8, momentum=0.1), r"^gn: unknown option 'momentum'; gn accepts channels_per_group, eps, "
-                                                r"groups$"),
-    (lambda: norm_layer("gn", groups=3, channels_per_group=2), r"^gn: both groups=3 and channels_per_group=2"),
-    (lambda: norm_layer("bn", per_gpu_batch=0), r"^bn: per_gpu_batch=0 must be >= 1$"),
-    (lambda: norm_layer("bn", per_gpu_batch=2.5), r"^bn: per_gpu_batch=2.5 must be an integer or None$"),
-    (lambda: norm_layer("bn", momentum=1.5), r"^bn: momentum=1.5 must be <= 1.0$"),
-    (lambda: norm_layer("sn", inference="median"), r"^sn: inference='median' is not one of"),
-    (lambda: norm_layer("sn", use_bn=1), r"^sn: use_bn=1 must be true or false$"),
-    (lambda: norm_layer("none", eps=1e-5), r"^none: unknown option 'eps'; none accepts no options$"),
-    (lambda: norm_layer("gn", groups=32)(48), r"^gn: groups=32 does not divide num_channels=48; choose groups "
-                                              r"dividing 48 or set channels_per_group$"),
-    (lambda: build_norm("gn", 0), r"^gn: num_channels=0 must be >= 1$"),
-    (lambda: build_norm("bn", 4)(torch.randn(2, 3, 4, 4)), r"^bn: input has 3 channels but the layer was built for "
-                                                           r"num_channels=4$"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: build_norm("batchnorm", 8), r"^unknown norm 'batchnorm'; choose one of bn, syncbn"),
+        (lambda: norm_options("xx"), r"^unknown norm 'xx'"),
+        (
+            lambda: build_norm("gn", 8, momentum=0.1),
+            r"^gn: unknown option 'momentum'; gn accepts channels_per_group, eps, "
+            r"groups$",
+        ),
+        (lambda: norm_layer("gn", groups=3, channels_per_group=2), r"^gn: both groups=3 and channels_per_group=2"),
+        (lambda: norm_layer("bn", per_gpu_batch=0), r"^bn: per_gpu_batch=0 must be >= 1$"),
+        (lambda: norm_layer("bn", per_gpu_batch=2.5), r"^bn: per_gpu_batch=2.5 must be an integer or None$"),
+        (lambda: norm_layer("bn", momentum=1.5), r"^bn: momentum=1.5 must be <= 1.0$"),
+        (lambda: norm_layer("sn", inference="median"), r"^sn: inference='median' is not one of"),
+        (lambda: norm_layer("sn", use_bn=1), r"^sn: use_bn=1 must be true or false$"),
+        (lambda: norm_layer("none", eps=1e-5), r"^none: unknown option 'eps'; none accepts no options$"),
+        (
+            lambda: norm_layer("gn", groups=32)(48),
+            r"^gn: groups=32 does not divide num_channels=48; choose groups "
+            r"dividing 48 or set channels_per_group$",
+        ),
+        (lambda: build_norm("gn", 0), r"^gn: num_channels=0 must be >= 1$"),
+        (
+            lambda: build_norm("bn", 4)(torch.randn(2, 3, 4, 4)),
+            r"^bn: input has 3 channels but the layer was built for "
+            r"num_channels=4$",
+        ),
+    ],
+)
 def test_bad_input_one_line_errors(call, match):
     with pytest.raises(NormConfigError, match=match) as e:
         call()
@@ -80,8 +112,17 @@ def test_norm_layer_callable_tolerates_timm_kwargs():
 def test_is_norm_layer_and_batch_stats_flag():
     for name in NORM_NAMES:
         assert is_norm_layer(build_norm(name, 64, **opts_for(name))), name
-    for m in (nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.BatchNorm3d(3), nn.SyncBatchNorm(3), nn.GroupNorm(1, 3),
-              nn.LayerNorm(3), nn.InstanceNorm2d(3), nn.InstanceNorm1d(3, affine=True), nn.LocalResponseNorm(2)):
+    for m in (
+        nn.BatchNorm1d(3),
+        nn.BatchNorm2d(3),
+        nn.BatchNorm3d(3),
+        nn.SyncBatchNorm(3),
+        nn.GroupNorm(1, 3),
+        nn.LayerNorm(3),
+        nn.InstanceNorm2d(3),
+        nn.InstanceNorm1d(3, affine=True),
+        nn.LocalResponseNorm(2),
+    ):
         assert is_norm_layer(m), type(m).__name__
     for m in (nn.Conv2d(3, 3, 1), nn.Linear(3, 3), WSConv2d(3, 3, 1), nn.ReLU(), MomentShortcut()):
         assert not is_norm_layer(m), type(m).__name__
@@ -115,8 +156,9 @@ def test_weight_bias_are_per_channel_parameters():
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
 def test_torchvision_resnet18(name):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(norm_layer=norm_layer(name, **opts_for(name)), zero_init_residual=True,
-                                        num_classes=5)
+    model = torchvision.models.resnet18(
+        norm_layer=norm_layer(name, **opts_for(name)), zero_init_residual=True, num_classes=5
+    )
     if name != "none":
         assert float(model.layer1[0].bn2.weight.detach().abs().sum()) == 0.0
         assert float(model.layer1[0].bn1.weight.detach().abs().sum()) > 0.0

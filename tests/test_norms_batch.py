@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from float64 import assert_grads_match, from_gpu_chunks, gpu_chunks, leaf_copies, rand, set_affine
-
 from normbench.norms import NormConfigError, build_norm
 from normbench.norms import batch_norm as bn_mod
+
+from float64 import assert_grads_match, from_gpu_chunks, gpu_chunks, leaf_copies, rand, set_affine
 
 SHAPES = [(4, 3, 6, 5), (6, 5, 3, 7), (8, 4, 1, 1), (2, 6, 4, 4)]
 
@@ -32,8 +32,17 @@ def ref_bn_train(x, w, b, n, eps=1e-5):
 
 
 @pytest.mark.parametrize("impl", ["view", "fused"])
-@pytest.mark.parametrize("shape,n", [((4, 3, 6, 5), 2), ((6, 5, 3, 7), 3), ((6, 5, 3, 7), 2), ((8, 4, 1, 1), 2),
-                                     ((4, 3, 6, 5), None), ((1, 3, 6, 5), None)])
+@pytest.mark.parametrize(
+    "shape,n",
+    [
+        ((4, 3, 6, 5), 2),
+        ((6, 5, 3, 7), 3),
+        ((6, 5, 3, 7), 2),
+        ((8, 4, 1, 1), 2),
+        ((4, 3, 6, 5), None),
+        ((1, 3, 6, 5), None),
+    ],
+)
 def test_bn_train_eval_vs_formula(monkeypatch, impl, shape, n):
     monkeypatch.setattr(bn_mod, "PER_GPU_IMPL", impl)
     x = rand(*shape)
@@ -51,8 +60,9 @@ def test_bn_train_eval_vs_formula(monkeypatch, impl, shape, n):
     assert int(layer.num_batches_tracked) == 1
     layer.eval()
     ye = layer(x)
-    refe = ((x - layer.running_mean.view(1, -1, 1, 1)) / torch.sqrt(layer.running_var.view(1, -1, 1, 1) + 1e-5)
-            * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1))
+    refe = (x - layer.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+        layer.running_var.view(1, -1, 1, 1) + 1e-5
+    ) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(ye, refe.detach())
 
 
@@ -106,8 +116,16 @@ def test_bn_gradcheck(monkeypatch, impl, n):
     assert torch.autograd.gradcheck(layer, (x,))
 
 
-@pytest.mark.parametrize("name,opts", [("bn", {"per_gpu_batch": 2}), ("bn", {}), ("brn", {"per_gpu_batch": 2}),
-                                       ("evonorm_b0", {"per_gpu_batch": 2}), ("syncbn", {})])
+@pytest.mark.parametrize(
+    "name,opts",
+    [
+        ("bn", {"per_gpu_batch": 2}),
+        ("bn", {}),
+        ("brn", {"per_gpu_batch": 2}),
+        ("evonorm_b0", {"per_gpu_batch": 2}),
+        ("syncbn", {}),
+    ],
+)
 @pytest.mark.parametrize("impl", ["auto", "fused"])
 def test_batch_layers_keep_channels_last(monkeypatch, impl, name, opts):
     monkeypatch.setattr(bn_mod, "PER_GPU_IMPL", impl)
@@ -214,8 +232,9 @@ def test_brn_gradcheck(opts):
 
 
 def test_brn_schedule_driven_by_step_buffer():
-    layer = build_norm("brn", 2, schedule=True, warmup_steps=2, rmax_max=3.0, rmax_steps=6, dmax_max=5.0,
-                       dmax_steps=4).double()
+    layer = build_norm(
+        "brn", 2, schedule=True, warmup_steps=2, rmax_max=3.0, rmax_steps=6, dmax_max=5.0, dmax_steps=4
+    ).double()
     expected = {0: (1.0, 0.0), 2: (1.0, 0.0), 3: (1.5, 2.5), 4: (2.0, 5.0), 6: (3.0, 5.0), 9: (3.0, 5.0)}
     for step, (r, d) in expected.items():
         layer.num_batches_tracked.fill_(step)
@@ -275,8 +294,9 @@ def test_evonorm_b0_vs_formula(shape, n):
     torch.testing.assert_close(layer.running_var, (0.75 + 0.25 * uvars).mean(0))
     layer.eval()
     ye = layer(x)
-    torch.testing.assert_close(ye, ref_evonorm_b0(x, layer.weight, layer.bias, layer.v, shape[0],
-                                                  running_var=layer.running_var).detach())
+    torch.testing.assert_close(
+        ye, ref_evonorm_b0(x, layer.weight, layer.bias, layer.v, shape[0], running_var=layer.running_var).detach()
+    )
     x1 = rand(1, C, 3, 3)
     assert torch.isfinite(layer(x1)).all()  # eval works at N=1
 
@@ -287,12 +307,21 @@ def test_evonorm_b0_gradcheck():
     assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
 
 
-@pytest.mark.parametrize("shape,dims,channels_last", [((2, 3, 4, 5, 6), (0, 3, 4), False), ((3, 4, 5, 6), (2, 3), False),
-                                                      ((3, 4, 5, 6), (0, 2, 3), False), ((3, 4, 5, 6), (1,), False),
-                                                      ((3, 4, 5, 6), (2, 3), True), ((3, 4, 5, 6), (0, 2, 3), True)])
+@pytest.mark.parametrize(
+    "shape,dims,channels_last",
+    [
+        ((2, 3, 4, 5, 6), (0, 3, 4), False),
+        ((3, 4, 5, 6), (2, 3), False),
+        ((3, 4, 5, 6), (0, 2, 3), False),
+        ((3, 4, 5, 6), (1,), False),
+        ((3, 4, 5, 6), (2, 3), True),
+        ((3, 4, 5, 6), (0, 2, 3), True),
+    ],
+)
 def test_var_mean_and_centered_scratch_match_torch(shape, dims, channels_last):
     """The fused layers' statistics helper (row-wise norms on merged trailing dims) vs torch.var_mean."""
     from normbench.norms._fused import var_mean
+
     x = rand(*shape) * 3 + 7
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

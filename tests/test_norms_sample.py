@@ -5,10 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from float64 import assert_grads_match, leaf_copies, rand, set_affine
+from normbench.norms import DynamicMomentShortcut, MomentShortcut, NormConfigError, WSConv2d, build_norm
 
-from normbench.norms import (DynamicMomentShortcut, MomentShortcut, NormConfigError, WSConv2d,
-                             build_norm)
+from float64 import assert_grads_match, leaf_copies, rand, set_affine
 
 SHAPES = [(2, 8, 5, 7), (3, 6, 5, 7), (1, 12, 4, 4), (2, 8, 1, 1)]
 
@@ -24,16 +23,25 @@ def ref_group(x, G, w, b, eps=1e-5):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("name,opts,G", [("gn", {"groups": 2}, lambda C: 2), ("gn", {"channels_per_group": 2},
-                                                                               lambda C: C // 2),
-                                         ("ln", {}, lambda C: 1), ("in", {}, lambda C: C)])
+@pytest.mark.parametrize(
+    "name,opts,G",
+    [
+        ("gn", {"groups": 2}, lambda C: 2),
+        ("gn", {"channels_per_group": 2}, lambda C: C // 2),
+        ("ln", {}, lambda C: 1),
+        ("in", {}, lambda C: C),
+    ],
+)
 def test_group_family_vs_formula_and_builtins(shape, name, opts, G):
     C = shape[1]
     layer = set_affine(build_norm(name, C, **opts).double())
     x = rand(*shape)
     if C // G(C) * shape[2] * shape[3] == 1:
-        with pytest.raises(NormConfigError, match=rf"^{name}: a 1x1 map with 1 channel per group gives 1 value per "
-                                                  rf"group \(num_channels={C}, groups={C}\)"):
+        with pytest.raises(
+            NormConfigError,
+            match=rf"^{name}: a 1x1 map with 1 channel per group gives 1 value per "
+            rf"group \(num_channels={C}, groups={C}\)",
+        ):
             layer(x)
         return
     ref = ref_group(x, G(C), layer.weight, layer.bias).detach()
@@ -63,8 +71,14 @@ def test_gn_default_groups_and_ln_in_are_gn_ends():
 
 def test_group_family_gradcheck_and_channels_last():
     x = rand(2, 4, 3, 2).requires_grad_()
-    for name, opts in [("gn", {"groups": 2}), ("ln", {}), ("in", {}), ("evonorm_s0", {"groups": 2}), ("frn", {}),
-                       ("pono", {})]:
+    for name, opts in [
+        ("gn", {"groups": 2}),
+        ("ln", {}),
+        ("in", {}),
+        ("evonorm_s0", {"groups": 2}),
+        ("frn", {}),
+        ("pono", {}),
+    ]:
         layer = set_affine(build_norm(name, 4, **opts).double())
         assert torch.autograd.gradcheck(layer, (x,)), name
         xc = x.detach().contiguous(memory_format=torch.channels_last)
@@ -74,17 +88,25 @@ def test_group_family_gradcheck_and_channels_last():
             assert yc.is_contiguous(memory_format=torch.channels_last), name
 
 
-@pytest.mark.parametrize("name,opts,C,match", [
-    ("gn", {"groups": 32}, 48, r"^gn: groups=32 does not divide num_channels=48; choose groups dividing 48 or set "
-                               r"channels_per_group$"),
-    ("gn", {"channels_per_group": 5}, 48, r"^gn: channels_per_group=5 does not divide num_channels=48"),
-    ("gn", {"groups": 4, "channels_per_group": 4}, 16, r"^gn: both groups=4 and channels_per_group=4 are set"),
-    ("gn", {"groups": 0}, 16, r"^gn: groups=0 must be >= 1$"),
-    ("gn", {"groups": 2.0}, 16, r"^gn: groups=2.0 must be an integer"),
-    ("evonorm_s0", {"groups": 32}, 48, r"^evonorm_s0: groups=32 does not divide num_channels=48"),
-    ("pono", {}, 1, r"^pono: num_channels=1 .*>= 2$"),
-    ("frn", {"eps": -1.0}, 4, r"^frn: eps=-1.0 must be > 0.0$"),
-])
+@pytest.mark.parametrize(
+    "name,opts,C,match",
+    [
+        (
+            "gn",
+            {"groups": 32},
+            48,
+            r"^gn: groups=32 does not divide num_channels=48; choose groups dividing 48 or set "
+            r"channels_per_group$",
+        ),
+        ("gn", {"channels_per_group": 5}, 48, r"^gn: channels_per_group=5 does not divide num_channels=48"),
+        ("gn", {"groups": 4, "channels_per_group": 4}, 16, r"^gn: both groups=4 and channels_per_group=4 are set"),
+        ("gn", {"groups": 0}, 16, r"^gn: groups=0 must be >= 1$"),
+        ("gn", {"groups": 2.0}, 16, r"^gn: groups=2.0 must be an integer"),
+        ("evonorm_s0", {"groups": 32}, 48, r"^evonorm_s0: groups=32 does not divide num_channels=48"),
+        ("pono", {}, 1, r"^pono: num_channels=1 .*>= 2$"),
+        ("frn", {"eps": -1.0}, 4, r"^frn: eps=-1.0 must be > 0.0$"),
+    ],
+)
 def test_bad_options(name, opts, C, match):
     with pytest.raises(NormConfigError, match=match) as e:
         build_norm(name, C, **opts)
@@ -126,8 +148,10 @@ def test_frn_vs_formula(shape, learnable):
     ps = leaf_copies(layer, names)
     nu2 = (xr * xr).sum((2, 3), keepdim=True) / (shape[2] * shape[3])
     eps = 1e-6 + (ps["eps_l"].abs() if learnable else 0.0)
-    ref = torch.maximum(ps["weight"].view(1, -1, 1, 1) * xr / torch.sqrt(nu2 + eps) + ps["bias"].view(1, -1, 1, 1),
-                        ps["tau"].view(1, -1, 1, 1))
+    ref = torch.maximum(
+        ps["weight"].view(1, -1, 1, 1) * xr / torch.sqrt(nu2 + eps) + ps["bias"].view(1, -1, 1, 1),
+        ps["tau"].view(1, -1, 1, 1),
+    )
     y = layer(x)
     torch.testing.assert_close(y, ref)
     assert torch.isfinite(y).all()
@@ -228,9 +252,12 @@ def test_wsconv_vs_formula_and_gradcheck():
     small = WSConv2d(2, 3, 3, padding=1).double()
     xs = rand(1, 2, 4, 3).requires_grad_()
     assert torch.autograd.gradcheck(small, (xs,))
-    assert torch.autograd.gradcheck(lambda wt: F.conv2d(xs.detach(), __import__(
-        "normbench.norms", fromlist=["standardize_weight"]).standardize_weight(wt)), (small.weight.detach().clone()
-                                                                                   .requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda wt: F.conv2d(
+            xs.detach(), __import__("normbench.norms", fromlist=["standardize_weight"]).standardize_weight(wt)
+        ),
+        (small.weight.detach().clone().requires_grad_(),),
+    )
 
 
 @pytest.mark.parametrize("affine", [True, False])

@@ -8,10 +8,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from float64 import D, assert_grads_match, from_gpu_chunks, gpu_chunks, leaf_copies, rand
+from normbench.norms import NormConfigError, build_norm, norm_layer, reestimate_batch_average, switchable_importance
 
-from normbench.norms import (NormConfigError, build_norm, norm_layer, reestimate_batch_average,
-                             switchable_importance)
+from float64 import D, assert_grads_match, from_gpu_chunks, gpu_chunks, leaf_copies, rand
 
 NEG = -1e4  # softmax weight exp(-1e4) == 0.0 exactly in float64
 
@@ -60,15 +59,25 @@ def make_sn(C, seed=1, logits=None, **opts):
 def test_init_six_logits_equal_thirds():
     layer = build_norm("sn", 8)
     assert layer.mean_weight.shape == (3,) and layer.var_weight.shape == (3,)
-    assert torch.equal(layer.mean_weight.detach(), torch.ones(3)) and torch.equal(layer.var_weight.detach(), torch.ones(3))
+    assert torch.equal(layer.mean_weight.detach(), torch.ones(3)) and torch.equal(
+        layer.var_weight.detach(), torch.ones(3)
+    )
     imp = layer.importance()
     assert imp["mean"] == pytest.approx({"in": 1 / 3, "ln": 1 / 3, "bn": 1 / 3})
 
 
-@pytest.mark.parametrize("shape,n,use_bn", [((4, 3, 6, 5), 2, True), ((3, 6, 5, 7), None, True),
-                                            ((6, 5, 3, 7), 3, True), ((1, 4, 5, 3), None, False),
-                                            ((4, 6, 1, 1), 2, True), ((3, 6, 5, 7), 1, False),
-                                            ((4, 6, 1, 1), None, False)])
+@pytest.mark.parametrize(
+    "shape,n,use_bn",
+    [
+        ((4, 3, 6, 5), 2, True),
+        ((3, 6, 5, 7), None, True),
+        ((6, 5, 3, 7), 3, True),
+        ((1, 4, 5, 3), None, False),
+        ((4, 6, 1, 1), 2, True),
+        ((3, 6, 5, 7), 1, False),
+        ((4, 6, 1, 1), None, False),
+    ],
+)
 def test_sn_train_values_and_grads_vs_formula(shape, n, use_bn):
     C = shape[1]
     layer = make_sn(C, per_gpu_batch=n, use_bn=use_bn, momentum=0.3)
@@ -98,8 +107,15 @@ def test_sn_running_stats_and_eval():
     torch.testing.assert_close(layer.running_var, exp_var)
     layer.eval()
     xe = rand(3, C, 4, 3, seed=4)  # any batch size at eval
-    ref = ref_sn(xe, layer.mean_weight, layer.var_weight, layer.weight, layer.bias, None,
-                 running=(layer.running_mean, layer.running_var))
+    ref = ref_sn(
+        xe,
+        layer.mean_weight,
+        layer.var_weight,
+        layer.weight,
+        layer.bias,
+        None,
+        running=(layer.running_mean, layer.running_var),
+    )
     torch.testing.assert_close(layer(xe), ref.detach())
 
 
@@ -147,8 +163,9 @@ def test_one_by_one_map_is_defined_or_clear_error():
     assert torch.isfinite(make_sn(6, use_bn=False)(rand(1, 6, 1, 1))).all()
 
 
-@pytest.mark.parametrize("opts,train", [({"per_gpu_batch": 2}, True), ({}, True), ({"use_bn": False}, True),
-                                        ({"per_gpu_batch": 2}, False)])
+@pytest.mark.parametrize(
+    "opts,train", [({"per_gpu_batch": 2}, True), ({}, True), ({"use_bn": False}, True), ({"per_gpu_batch": 2}, False)]
+)
 def test_sn_gradcheck(opts, train):
     layer = make_sn(3, **opts)
     layer.train(train)
@@ -157,8 +174,16 @@ def test_sn_gradcheck(opts, train):
     params = (layer.mean_weight, layer.var_weight, layer.weight, layer.bias)
 
     def f(lm, lv, w, b):
-        return ref_sn(x.detach(), lm, lv, w, b, opts.get("per_gpu_batch", 4), use_bn=opts.get("use_bn", True),
-                      running=None if train else (layer.running_mean, layer.running_var))
+        return ref_sn(
+            x.detach(),
+            lm,
+            lv,
+            w,
+            b,
+            opts.get("per_gpu_batch", 4),
+            use_bn=opts.get("use_bn", True),
+            running=None if train else (layer.running_mean, layer.running_var),
+        )
 
     inputs = tuple(p.detach().clone().requires_grad_() for p in params)
     assert torch.autograd.gradcheck(f, inputs)  # the reference itself is smooth
@@ -188,8 +213,7 @@ def test_batch_average_reproduces_average_of_batch_statistics():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [rand(4, 3, 5, 6, seed=s) for s in range(3)] + [(rand(6, 3, 5, 6, seed=9), torch.zeros(6))]
     reestimate_batch_average(model, batches)
-    feats = [F.conv2d(b[0] if isinstance(b, tuple) else b, conv.weight, conv.bias, padding=1).detach()
-             for b in batches]
+    feats = [F.conv2d(b[0] if isinstance(b, tuple) else b, conv.weight, conv.bias, padding=1).detach() for b in batches]
     chunk_stats = [biased(c, (0, 2, 3)) for f in feats for c in gpu_chunks(f, n)]
     M = n * 5 * 6
     exp_mean = torch.stack([m.flatten() for m, _ in chunk_stats]).mean(0)
@@ -221,8 +245,9 @@ def test_batch_average_in_a_resnet_sets_every_sn_layer_from_the_batches():
     directly; every other SN layer moved off its init; eval output of an image does not depend on its batch."""
     torch.manual_seed(0)
     n = 2
-    model = torchvision.models.resnet18(norm_layer=norm_layer("sn", per_gpu_batch=n, inference="batch_average"),
-                                        num_classes=3).double()
+    model = torchvision.models.resnet18(
+        norm_layer=norm_layer("sn", per_gpu_batch=n, inference="batch_average"), num_classes=3
+    ).double()
     model(rand(4, 3, 32, 32, seed=1)).sum().backward()
     model.eval()
     batches = [rand(4, 3, 32, 32, seed=s) for s in (2, 3)]
@@ -233,8 +258,9 @@ def test_batch_average_in_a_resnet_sets_every_sn_layer_from_the_batches():
     stats = [biased(c, (0, 2, 3)) for f in feats for c in gpu_chunks(f, n)]
     M = n * feats[0].shape[2] * feats[0].shape[3]
     torch.testing.assert_close(model.bn1.running_mean, torch.stack([m.flatten() for m, _ in stats]).mean(0))
-    torch.testing.assert_close(model.bn1.running_var,
-                               torch.stack([v.flatten() * M / (M - 1) for _, v in stats]).mean(0))
+    torch.testing.assert_close(
+        model.bn1.running_var, torch.stack([v.flatten() * M / (M - 1) for _, v in stats]).mean(0)
+    )
     for name, layer in model.named_modules():
         if hasattr(layer, "running_var"):
             assert (layer.running_var - 1).abs().max() > 1e-3, name  # re-estimated, not left at the init
@@ -247,7 +273,7 @@ def test_importance_dict():
     model = nn.Sequential(nn.Sequential(make_sn(4, seed=3)), make_sn(4, use_bn=False, seed=5), nn.ReLU())
     imp = switchable_importance(model)
     assert set(imp) == {"0.0", "1"}
-    for name, d in imp.items():
+    for _name, d in imp.items():
         for key in ("mean", "var"):
             assert set(d[key]) == {"in", "ln", "bn"}
             assert all(isinstance(v, float) for v in d[key].values())

@@ -1,4 +1,5 @@
 """Learning-rate schedule and weight-decay groups against the recipe (docs/papers.md section 2)."""
+
 from __future__ import annotations
 
 import math
@@ -30,10 +31,17 @@ def test_step_schedule_decays_at_epochs_30_60_90_of_100():
 def test_scheduler_steps_the_recipe_through_a_real_optimizer():
     """100 epochs of 10 steps: lr 0.1 x (8 x 32) / 256, x0.1 entering epochs 30, 60 and 90
     (docs/papers.md section 2)."""
-    cfg = OmegaConf.create({"base_lr": 0.1, "gpus": 8, "per_gpu_batch": 32, "reference_batch": 256,
-                            "epochs": 100, "schedule": {**STEP, "warmup_epochs": 0},
-                            "optim": {"momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
-                                      "decay_norm": True}})
+    cfg = OmegaConf.create(
+        {
+            "base_lr": 0.1,
+            "gpus": 8,
+            "per_gpu_batch": 32,
+            "reference_batch": 256,
+            "epochs": 100,
+            "schedule": {**STEP, "warmup_epochs": 0},
+            "optim": {"momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "decay_norm": True},
+        }
+    )
     optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
     lr_at_epoch = {}
@@ -56,13 +64,18 @@ def test_warmup_then_half_cosine():
 
 @pytest.mark.parametrize("name, options", [("gn", {"groups": 2}), ("sn", {"per_gpu_batch": 2}), ("frn", {})])
 def test_decay_norm_false_exempts_custom_norm_layers(name, options):
-    cfg = OmegaConf.create({"name": "cifar_resnet", "depth": 8, "width": 4, "zero_init_last_gamma": True,
-                            "weight_standardization": False})
+    cfg = OmegaConf.create(
+        {"name": "cifar_resnet", "depth": 8, "width": 4, "zero_init_last_gamma": True, "weight_standardization": False}
+    )
     model = build_model(cfg, norm_layer(name, **options), 10, 1)
     decayed, exempt = parameter_groups(model, 1e-4, decay_norm=False)
     exempt_ids = {id(p) for p in exempt["params"]}
-    norm_params = [p for m in model.modules() if type(m).__module__.startswith("normbench.norms")
-                   for p in m.parameters(recurse=False)]
+    norm_params = [
+        p
+        for m in model.modules()
+        if type(m).__module__.startswith("normbench.norms")
+        for p in m.parameters(recurse=False)
+    ]
     assert norm_params and all(id(p) in exempt_ids for p in norm_params)
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(id(w) not in exempt_ids for w in convs) and exempt["weight_decay"] == 0.0

@@ -31,23 +31,50 @@ PAPER_CPG = {"64": 24.4, "32": 24.5, "16": 24.2, "8": 24.3, "4": 24.8, "2": 25.6
 _counter = [0]
 
 
-def write_result(root: Path, *, experiment="gn_table2", norm="gn", gpus=8, per_gpu_batch=32, seed=0,
-                 error=None, status="completed", groups=None, cpg=None, model="cifar_resnet20",
-                 data="fashion_mnist", commit="abc1234def5678", mtime=None, **extra) -> Path:
+def write_result(
+    root: Path,
+    *,
+    experiment="gn_table2",
+    norm="gn",
+    gpus=8,
+    per_gpu_batch=32,
+    seed=0,
+    error=None,
+    status="completed",
+    groups=None,
+    cpg=None,
+    model="cifar_resnet20",
+    data="fashion_mnist",
+    commit="abc1234def5678",
+    mtime=None,
+    **extra,
+) -> Path:
     _counter[0] += 1
     run_id = extra.pop("run_id", f"{_counter[0]:012x}")
     opts = extra.pop("norm_options", {"groups": groups, "channels_per_group": cpg})
     run_dir = f"{experiment}/{model}-{data}-{norm}-{gpus}x{per_gpu_batch}-s{seed}-{run_id[-8:]}"
     res = {
-        "status": status, "experiment": experiment, "run_id": run_id, "run_dir": run_dir,
-        "model": model, "data": data, "norm": norm, "norm_options": opts,
-        "gpus": gpus, "per_gpu_batch": per_gpu_batch, "seed": seed, "epochs": 10,
+        "status": status,
+        "experiment": experiment,
+        "run_id": run_id,
+        "run_dir": run_dir,
+        "model": model,
+        "data": data,
+        "norm": norm,
+        "norm_options": opts,
+        "gpus": gpus,
+        "per_gpu_batch": per_gpu_batch,
+        "seed": seed,
+        "epochs": 10,
         "epochs_completed": 10 if status == "completed" else 3,
-        "top1_error_final": error, "top1_error_median_last5": error,
+        "top1_error_final": error,
+        "top1_error_median_last5": error,
         "top5_error_final": None if error is None else 0.5,
         "diverged_epoch": 3 if status == "diverged" else None,
-        "error_message": "boom" if status == "failed" else None, "wall_time_s": 1.0,
-        "sn_importance": None, "git": {"commit": commit, "dirty": False},
+        "error_message": "boom" if status == "failed" else None,
+        "wall_time_s": 1.0,
+        "sn_importance": None,
+        "git": {"commit": commit, "dirty": False},
         "config": {"preset_name": "smoke", "epochs": 10, "seed": seed},
     }
     res.update(extra)
@@ -72,10 +99,10 @@ def make_table2(root: Path) -> None:
     """Hand-designed gn_table2 results (top-1 error %)."""
     w = lambda **k: write_result(root, experiment="gn_table2", **k)  # noqa: E731
     w(norm="bn", per_gpu_batch=32, seed=0, error=10.0)
-    w(norm="bn", per_gpu_batch=32, seed=1, error=12.0)      # BN@32 = 11.0 ± 1.41421 (n=2)
-    w(norm="bn", per_gpu_batch=16, seed=0, error=11.0)      # n=1
+    w(norm="bn", per_gpu_batch=32, seed=1, error=12.0)  # BN@32 = 11.0 ± 1.41421 (n=2)
+    w(norm="bn", per_gpu_batch=16, seed=0, error=11.0)  # n=1
     w(norm="bn", per_gpu_batch=8, seed=0, error=13.0)
-    w(norm="bn", per_gpu_batch=8, seed=1, error=14.0)       # 13.5 ± 0.70711
+    w(norm="bn", per_gpu_batch=8, seed=1, error=14.0)  # 13.5 ± 0.70711
     w(norm="bn", per_gpu_batch=4, seed=0, error=16.0)
     w(norm="bn", per_gpu_batch=4, seed=1, status="failed")  # 16.0 (n=1); failed 1/2
     w(norm="bn", per_gpu_batch=2, seed=0, error=30.0)
@@ -106,12 +133,12 @@ def test_gn_table2_cells_paper_and_derived(tmp_path):
     rows = read_csv(s.csv_path)
     m = "top1_error_median_last5"
     expect = {  # (row, col): (mean, std, n, n_div, n_failed)
-        ("BN", "32"): (11.0, 2 ** 0.5, 2, 0, 0),
+        ("BN", "32"): (11.0, 2**0.5, 2, 0, 0),
         ("BN", "16"): (11.0, None, 1, 0, 0),
-        ("BN", "8"): (13.5, 0.5 ** 0.5, 2, 0, 0),
+        ("BN", "8"): (13.5, 0.5**0.5, 2, 0, 0),
         ("BN", "4"): (16.0, None, 1, 0, 1),
         ("BN", "2"): (30.0, None, 1, 1, 0),
-        ("GN", "32"): (9.5, 0.5 ** 0.5, 2, 0, 0),
+        ("GN", "32"): (9.5, 0.5**0.5, 2, 0, 0),
         ("GN", "16"): (9.5, None, 1, 0, 0),
         ("GN", "8"): (10.0, None, 1, 0, 0),
         ("GN", "4"): (None, None, 0, 0, 0),
@@ -139,7 +166,7 @@ def test_gn_table2_markdown(tmp_path):
     md = build_report("gn_table2", tmp_path / "r", tmp_path / "out").markdown
     assert md == (tmp_path / "out" / "gn_table2.md").read_text()
     assert "11.00 ± 1.41 (n=2)" in md
-    assert "11.00 (n=1)" in md and "± 0.00" not in md       # n=1: no std
+    assert "11.00 (n=1)" in md and "± 0.00" not in md  # n=1: no std
     assert "30.00 (n=1); diverged (1/2 seeds)" in md
     assert "16.00 (n=1); failed (1/2 seeds)" in md
     assert "| missing |" in md
@@ -353,8 +380,14 @@ def test_columns_left_out_by_the_preset_are_not_missing(tmp_path):
 
 def test_pono_ms_layout_places_the_three_norms_and_has_no_paper_numbers(tmp_path):
     r = tmp_path / "r"
-    errors = {("bn", 32): (10.0, 12.0), ("bn", 2): (15.0,), ("gn", 32): (11.0,), ("gn", 2): (11.5,),
-              ("gn+pono_ms", 32): (9.0, 10.0), ("gn+pono_ms", 2): (10.5,)}
+    errors = {
+        ("bn", 32): (10.0, 12.0),
+        ("bn", 2): (15.0,),
+        ("gn", 32): (11.0,),
+        ("gn", 2): (11.5,),
+        ("gn+pono_ms", 32): (9.0, 10.0),
+        ("gn+pono_ms", 2): (10.5,),
+    }
     for (norm, batch), errs in errors.items():
         for seed, e in enumerate(errs):
             write_result(r, experiment="pono_ms", norm=norm, per_gpu_batch=batch, seed=seed, error=e)

@@ -10,10 +10,10 @@ import json
 import math
 
 import pytest
+from test_report import read_csv, write_result
 
 from normbench.report import build_report
 from normbench.report.figures import training_curves
-from test_report import read_csv, write_result
 
 VERDICTS = ("holds", "does not hold", "inconclusive", "inconclusive (n=1)", "by construction")
 
@@ -23,18 +23,41 @@ def claims_of(summary) -> dict[str, object]:
 
 
 def gn_table2_runs(root, gn_gpus=lambda b: 8, bn_errors=None, gn_errors=None):
-    bn_errors = bn_errors or {"32": (10.0, 12.0), "16": (11.0, 11.5), "8": (12.0, 12.5), "4": (14.0, 14.5),
-                              "2": (20.0, 22.0, 24.0)}
-    gn_errors = gn_errors or {"32": (10.0, 10.2), "16": (10.1, 10.3), "8": (10.0, 10.4), "4": (10.2, 10.2),
-                              "2": (10.3, 10.5)}
+    bn_errors = bn_errors or {
+        "32": (10.0, 12.0),
+        "16": (11.0, 11.5),
+        "8": (12.0, 12.5),
+        "4": (14.0, 14.5),
+        "2": (20.0, 22.0, 24.0),
+    }
+    gn_errors = gn_errors or {
+        "32": (10.0, 10.2),
+        "16": (10.1, 10.3),
+        "8": (10.0, 10.4),
+        "4": (10.2, 10.2),
+        "2": (10.3, 10.5),
+    }
     for b, errs in bn_errors.items():
         for seed, e in enumerate(errs):
-            write_result(root, norm="bn", per_gpu_batch=int(b), seed=seed, error=e,
-                         norm_options={"momentum": 0.1, "per_gpu_batch": int(b)})
+            write_result(
+                root,
+                norm="bn",
+                per_gpu_batch=int(b),
+                seed=seed,
+                error=e,
+                norm_options={"momentum": 0.1, "per_gpu_batch": int(b)},
+            )
     for b, errs in gn_errors.items():
         for seed, e in enumerate(errs):
-            write_result(root, norm="gn", per_gpu_batch=int(b), gpus=gn_gpus(int(b)), seed=seed, error=e,
-                         norm_options={"groups": 32, "channels_per_group": None})
+            write_result(
+                root,
+                norm="gn",
+                per_gpu_batch=int(b),
+                gpus=gn_gpus(int(b)),
+                seed=seed,
+                error=e,
+                norm_options={"groups": 32, "channels_per_group": None},
+            )
 
 
 def test_gn_table2_claims_two_standard_errors(tmp_path):
@@ -73,15 +96,19 @@ def test_flatness_by_construction_with_a_fixed_total_batch(tmp_path):
     """GN (norm_options without per_gpu_batch) with gpus = 64 / per_gpu_batch: every column is the same run."""
     gn_table2_runs(tmp_path / "r", gn_gpus=lambda b: 64 // b)
     flat = claims_of(build_report("gn_table2", tmp_path / "r"))[
-        "GN's error stays within about a point across the images per GPU."]
+        "GN's error stays within about a point across the images per GPU."
+    ]
     assert flat.verdict == "by construction"
     assert "64 images per step" in flat.numbers
 
 
 def test_one_seed_is_inconclusive(tmp_path):
-    gn_table2_runs(tmp_path / "r", bn_errors={b: (e,) for b, e in zip(("32", "16", "8", "4", "2"),
-                                                                     (10.0, 11.0, 12.0, 13.0, 30.0))})
-    rise = claims_of(build_report("gn_table2", tmp_path / "r"))["BN's error rises as the images per GPU fall (32 -> 2)."]
+    gn_table2_runs(
+        tmp_path / "r", bn_errors={b: (e,) for b, e in zip(("32", "16", "8", "4", "2"), (10.0, 11.0, 12.0, 13.0, 30.0))}
+    )
+    rise = claims_of(build_report("gn_table2", tmp_path / "r"))[
+        "BN's error rises as the images per GPU fall (32 -> 2)."
+    ]
     assert rise.verdict == "inconclusive (n=1)"
     assert rise.numbers == "BN@2 - BN@32 = +20.00 > 0 (one seed)"
 
@@ -119,15 +146,25 @@ def test_sn_claims_and_learned_bn_share(tmp_path):
     r = tmp_path / "r"
 
     def imp(bn_mean, bn_var):
-        layer = {"mean": {"in": 0.0, "ln": 1 - bn_mean, "bn": bn_mean}, "var": {"in": 0.0, "ln": 1 - bn_var, "bn": bn_var}}
+        layer = {
+            "mean": {"in": 0.0, "ln": 1 - bn_mean, "bn": bn_mean},
+            "var": {"in": 0.0, "ln": 1 - bn_var, "bn": bn_var},
+        }
         return {"l1": layer, "l2": layer}
 
     # per-run BN share = (mean share + var share) / 2: (8,32): 0.6, 0.7; (8,2): 0.2, 0.3
     shares = {32: ((0.5, 0.7), (0.6, 0.8)), 2: ((0.1, 0.3), (0.2, 0.4))}
     for b, pairs in shares.items():
         for seed, (m, v) in enumerate(pairs):
-            write_result(r, experiment="sn_table", norm="sn", per_gpu_batch=b, seed=seed, error=25.0 + seed,
-                         sn_importance=imp(m, v))
+            write_result(
+                r,
+                experiment="sn_table",
+                norm="sn",
+                per_gpu_batch=b,
+                seed=seed,
+                error=25.0 + seed,
+                sn_importance=imp(m, v),
+            )
     s = build_report("sn_table", r)
     c = claims_of(s)
     share = c["SN's learned BN share falls as the images per GPU fall (8 GPUs, 32 -> 2)."]
@@ -142,11 +179,27 @@ def bn_eval_runs(root, experiment="gn_table2", gpus=8, large=32, small=2):
     by_eval = {large: [(10.0, 9.0, 11.0), (12.0, 11.0, 13.0)], small: [(20.0, 13.0, 15.0), (22.0, 15.0, 15.0)]}
     for b, seeds in by_eval.items():
         for seed, (ema, pbn, batch) in enumerate(seeds):
-            write_result(root, experiment=experiment, norm="bn", gpus=gpus, per_gpu_batch=b, seed=seed, error=ema,
-                         top1_error_by_eval={"ema": ema, "precise_bn": pbn, "batch_stats": batch})
+            write_result(
+                root,
+                experiment=experiment,
+                norm="bn",
+                gpus=gpus,
+                per_gpu_batch=b,
+                seed=seed,
+                error=ema,
+                top1_error_by_eval={"ema": ema, "precise_bn": pbn, "batch_stats": batch},
+            )
     write_result(root, experiment=experiment, norm="bn", gpus=gpus, per_gpu_batch=8, seed=0, error=14.0)  # old run
-    write_result(root, experiment=experiment, norm="gn", gpus=gpus, per_gpu_batch=large, seed=0, error=12.0,
-                 top1_error_by_eval={"ema": 12.0})
+    write_result(
+        root,
+        experiment=experiment,
+        norm="gn",
+        gpus=gpus,
+        per_gpu_batch=large,
+        seed=0,
+        error=12.0,
+        top1_error_by_eval={"ema": 12.0},
+    )
 
 
 def test_bn_evaluation_rows_and_rise_removed(tmp_path):
@@ -197,10 +250,22 @@ def test_cell_refuses_runs_whose_settings_differ(tmp_path):
 
 def test_cell_averages_runs_that_differ_only_in_keys_that_change_no_numbers(tmp_path):
     r = tmp_path / "r"
-    write_result(r, norm="bn", per_gpu_batch=32, seed=0, error=30.0,
-                 config={"epochs": 2, "seed": 0, "results_dir": "a", "logger": {"progress": True}})
-    write_result(r, norm="bn", per_gpu_batch=32, seed=1, error=20.0,
-                 config={"epochs": 2, "seed": 1, "results_dir": "b", "logger": {"progress": False}})
+    write_result(
+        r,
+        norm="bn",
+        per_gpu_batch=32,
+        seed=0,
+        error=30.0,
+        config={"epochs": 2, "seed": 0, "results_dir": "a", "logger": {"progress": True}},
+    )
+    write_result(
+        r,
+        norm="bn",
+        per_gpu_batch=32,
+        seed=1,
+        error=20.0,
+        config={"epochs": 2, "seed": 1, "results_dir": "b", "logger": {"progress": False}},
+    )
     row = read_csv(build_report("gn_table2", r).csv_path)[("BN", "32", "top1_error_median_last5")]
     assert (float(row["mean"]), row["n_seeds"]) == (25.0, "2")
 
@@ -216,8 +281,15 @@ def test_nested_setting_difference_is_named_by_its_dotted_key(tmp_path):
 def test_interrupted_runs_are_counted_never_averaged(tmp_path):
     r = tmp_path / "r"
     write_result(r, norm="bn", per_gpu_batch=32, seed=0, error=10.0)
-    write_result(r, norm="bn", per_gpu_batch=32, seed=1, status="interrupted", interrupted_by="SIGTERM",
-                 top1_error_median_last5=50.0)  # a number left by an unfinished run must not be averaged
+    write_result(
+        r,
+        norm="bn",
+        per_gpu_batch=32,
+        seed=1,
+        status="interrupted",
+        interrupted_by="SIGTERM",
+        top1_error_median_last5=50.0,
+    )  # a number left by an unfinished run must not be averaged
     s = build_report("gn_table2", r)
     assert (s.n_completed, s.n_interrupted, s.n_failed) == (1, 1, 0)
     assert "10.00 (n=1); interrupted (1/2 seeds)" in s.markdown
@@ -248,18 +320,23 @@ def test_gn_table1_training_curves_from_metrics(tmp_path):
     for norm, seeds in metrics.items():
         for seed, epochs in enumerate(seeds):
             path = write_result(r, experiment="gn_table1", norm=norm, seed=seed, error=epochs[-1][1])
-            path.with_name("metrics.jsonl").write_text("".join(
-                json.dumps({"epoch": i + 1, "lr": 0.1, "train_loss": loss, "top1_error": err}) + "\n"
-                for i, (loss, err) in enumerate(epochs)))
+            path.with_name("metrics.jsonl").write_text(
+                "".join(
+                    json.dumps({"epoch": i + 1, "lr": 0.1, "train_loss": loss, "top1_error": err}) + "\n"
+                    for i, (loss, err) in enumerate(epochs)
+                )
+            )
     write_result(r, experiment="gn_table1", norm="ln", seed=0, error=40.0)  # no metrics.jsonl
-    from normbench.report.layouts import LAYOUTS
     from normbench.report.collect import collect, load_runs
+    from normbench.report.layouts import LAYOUTS
 
     notes: list[str] = []
     coll = collect(LAYOUTS["gn_table1"], load_runs(r, "gn_table1", notes), notes)
     curves = training_curves(LAYOUTS["gn_table1"], coll)
-    assert curves == {"bn": {"epoch": [1.0, 2.0], "train_loss": [1.5, 0.75], "top1_error": [45.0, 25.0]},
-                      "gn": {"epoch": [1.0, 2.0], "train_loss": [3.0, 2.0], "top1_error": [60.0, 35.0]}}
+    assert curves == {
+        "bn": {"epoch": [1.0, 2.0], "train_loss": [1.5, 0.75], "top1_error": [45.0, 25.0]},
+        "gn": {"epoch": [1.0, 2.0], "train_loss": [3.0, 2.0], "top1_error": [60.0, 35.0]},
+    }
     s = build_report("gn_table1", r)
     assert "Training curves" in s.markdown and s.png_path.read_bytes().startswith(b"\x89PNG")
 
@@ -277,11 +354,17 @@ def test_report_is_byte_reproducible(tmp_path, experiment):
     assert b"Software" not in a.png_path.read_bytes()  # no matplotlib version stamped into the PNG
 
 
-@pytest.mark.parametrize("claim, words", [
-    ({"kind": "grows", "text": "x"}, "needs kind (one of rises"),
-    ({"kind": "rises", "row": "bn", "from": "32", "text": "x"}, "missing to"),
-    ({"kind": "less", "a": ["bn", "64"], "b": ["gn", "2"], "text": "x"}, "cell ['bn', '64'] is not in the gn_table2"),
-])
+@pytest.mark.parametrize(
+    "claim, words",
+    [
+        ({"kind": "grows", "text": "x"}, "needs kind (one of rises"),
+        ({"kind": "rises", "row": "bn", "from": "32", "text": "x"}, "missing to"),
+        (
+            {"kind": "less", "a": ["bn", "64"], "b": ["gn", "2"], "text": "x"},
+            "cell ['bn', '64'] is not in the gn_table2",
+        ),
+    ],
+)
 def test_a_claim_the_report_cannot_evaluate_is_refused_in_one_line(claim, words):
     from normbench.report.claims import validate
     from normbench.report.layouts import LAYOUTS

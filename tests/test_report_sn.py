@@ -28,12 +28,28 @@ def write(root: Path, norm, gpus, b, seed=0, error=None, status="completed", imp
     _n[0] += 1
     run_dir = f"sn_table/{norm}-{gpus}x{b}-s{seed}-{_n[0]}"
     res = {
-        "status": status, "experiment": "sn_table", "run_id": f"sn{_n[0]:010d}", "run_dir": run_dir,
-        "model": "cifar_resnet20", "data": "fashion_mnist", "norm": norm, "norm_options": opts or {},
-        "gpus": gpus, "per_gpu_batch": b, "seed": seed, "epochs": 4, "epochs_completed": 4,
-        "top1_error_final": error, "top1_error_median_last5": error, "top5_error_final": None,
-        "diverged_epoch": None, "error_message": None, "wall_time_s": 1.0, "sn_importance": importance,
-        "git": {"commit": "feedbeef00", "dirty": True}, "config": {},
+        "status": status,
+        "experiment": "sn_table",
+        "run_id": f"sn{_n[0]:010d}",
+        "run_dir": run_dir,
+        "model": "cifar_resnet20",
+        "data": "fashion_mnist",
+        "norm": norm,
+        "norm_options": opts or {},
+        "gpus": gpus,
+        "per_gpu_batch": b,
+        "seed": seed,
+        "epochs": 4,
+        "epochs_completed": 4,
+        "top1_error_final": error,
+        "top1_error_median_last5": error,
+        "top5_error_final": None,
+        "diverged_epoch": None,
+        "error_message": None,
+        "wall_time_s": 1.0,
+        "sn_importance": importance,
+        "git": {"commit": "feedbeef00", "dirty": True},
+        "config": {},
     }
     p = root / run_dir / "result.json"
     p.parent.mkdir(parents=True)
@@ -48,19 +64,45 @@ def make_sn(root: Path):
     write(root, "bn", 8, 32, 0, 24.0)
     write(root, "bn", 8, 32, 1, 26.0)  # acc 75.0 ± 1.41421
     write(root, "gn", 8, 32, 0, 25.0, opts={"groups": 32})  # acc 75.0 (n=1)
-    write(root, "sn", 8, 32, 0, 22.0, importance={
-        "layer1.0.bn1": layer((0.2, 0.3, 0.5), (0.1, 0.1, 0.8)),
-        "layer1.0.bn2": layer((0.4, 0.4, 0.2), (0.3, 0.3, 0.4)),
-    })  # run means: in .30 ln .35 bn .35 ; vars: in .2 ln .2 bn .6
-    write(root, "sn", 8, 32, 1, 23.0, importance={
-        "layer1.0.bn1": layer((0.1, 0.1, 0.8), (0.5, 0.5, 0.0)),
-        "layer1.0.bn2": layer((0.1, 0.3, 0.6), (0.5, 0.3, 0.2)),
-    })  # run means: in .10 ln .20 bn .70 ; vars: in .5 ln .4 bn .1   -> SN acc 77.5 ± 0.70711
+    write(
+        root,
+        "sn",
+        8,
+        32,
+        0,
+        22.0,
+        importance={
+            "layer1.0.bn1": layer((0.2, 0.3, 0.5), (0.1, 0.1, 0.8)),
+            "layer1.0.bn2": layer((0.4, 0.4, 0.2), (0.3, 0.3, 0.4)),
+        },
+    )  # run means: in .30 ln .35 bn .35 ; vars: in .2 ln .2 bn .6
+    write(
+        root,
+        "sn",
+        8,
+        32,
+        1,
+        23.0,
+        importance={
+            "layer1.0.bn1": layer((0.1, 0.1, 0.8), (0.5, 0.5, 0.0)),
+            "layer1.0.bn2": layer((0.1, 0.3, 0.6), (0.5, 0.3, 0.2)),
+        },
+    )  # run means: in .10 ln .20 bn .70 ; vars: in .5 ln .4 bn .1   -> SN acc 77.5 ± 0.70711
     one = {"in": 0.6, "ln": 0.4}
     two = {"in": 0.2, "ln": 0.8}
-    write(root, "sn", 8, 1, 0, 30.0, opts={"use_bn": False}, importance={
-        "a": {"mean": one, "var": two}, "b": {"mean": two, "var": one},
-    })  # no bn share -> 0; in .4 ln .6 for both
+    write(
+        root,
+        "sn",
+        8,
+        1,
+        0,
+        30.0,
+        opts={"use_bn": False},
+        importance={
+            "a": {"mean": one, "var": two},
+            "b": {"mean": two, "var": one},
+        },
+    )  # no bn share -> 0; in .4 ln .6 for both
     write(root, "bn", 8, 2, 0, status="diverged")
 
 
@@ -75,10 +117,10 @@ def test_sn_accuracy_cells_and_paper(tmp_path):
     rows = rows_of(s.csv_path)
     acc = lambda row, col: rows[(row, col, "top1_accuracy")]  # noqa: E731
     assert float(acc("BN", "(8,32)")["mean"]) == pytest.approx(75.0)
-    assert float(acc("BN", "(8,32)")["std"]) == pytest.approx(2 ** 0.5, rel=1e-5)
+    assert float(acc("BN", "(8,32)")["std"]) == pytest.approx(2**0.5, rel=1e-5)
     assert float(acc("GN", "(8,32)")["mean"]) == pytest.approx(75.0) and acc("GN", "(8,32)")["std"] == ""
     assert float(acc("SN", "(8,32)")["mean"]) == pytest.approx(77.5)
-    assert float(acc("SN", "(8,32)")["std"]) == pytest.approx(0.5 ** 0.5, rel=1e-5)
+    assert float(acc("SN", "(8,32)")["std"]) == pytest.approx(0.5**0.5, rel=1e-5)
     assert float(acc("SN", "(8,1)")["mean"]) == pytest.approx(70.0)
     assert (acc("BN", "(8,2)")["mean"], acc("BN", "(8,2)")["n_diverged"]) == ("", "1")
     for row, vals in PAPER_SN.items():
@@ -109,7 +151,7 @@ def test_sn_importance_averaging(tmp_path):
         assert float(imp("means", "(8,32)", share)["mean"]) == pytest.approx(expect_means[share])
         assert float(imp("variances", "(8,32)", share)["mean"]) == pytest.approx(expect_vars[share])
         assert imp("means", "(8,32)", share)["n_seeds"] == "2"
-    assert float(imp("means", "(8,32)", "bn")["std"]) == pytest.approx(0.35 / 2 ** 0.5, rel=1e-5)
+    assert float(imp("means", "(8,32)", "bn")["std"]) == pytest.approx(0.35 / 2**0.5, rel=1e-5)
     # (8,1): no bn key -> 0
     for kind in ("means", "variances"):
         assert float(imp(kind, "(8,1)", "in")["mean"]) == pytest.approx(0.4)

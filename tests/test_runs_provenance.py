@@ -1,4 +1,5 @@
 """Provenance: a run records the code's commit and whether tracked code differs from it (results/ excluded)."""
+
 import shutil
 import subprocess
 
@@ -8,8 +9,9 @@ from normbench.runs import git_state
 
 
 def _git(repo, *args):
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True, capture_output=True
+    )
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

@@ -4,6 +4,7 @@ requeued and resumed by SLURM to the numbers of an uninterrupted run; a cancelle
 and the next sweep resumes it. Without a cluster (`sinfo` fails) every test skips; every wait is bounded and
 each test cancels its own jobs (by job name) when it ends.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,19 +26,48 @@ SLURM_DIR = Path(os.environ.get("SLURM_DIR", "/tmp/normbench-slurm"))
 
 # GN Table 2 at smoke-test scale on 8x8 synthetic images (seconds a run). preset=local trains on a 4096-image
 # subset of Fashion-MNIST; these tests replace its data, so its data.train_subset / data.epoch_size go too.
-TINY_LOCAL = ["experiment=gn_table2", "preset=local", "data=synthetic", "data.train_subset=null",
-              "data.epoch_size=null", "data.num_train=256", "data.num_eval=128", "data.image_size=8",
-              "data.num_classes=4", "model.width=4", "model.norm_groups=2",
-              "logger.wandb.mode=disabled", "logger.progress=false"]
+TINY_LOCAL = [
+    "experiment=gn_table2",
+    "preset=local",
+    "data=synthetic",
+    "data.train_subset=null",
+    "data.epoch_size=null",
+    "data.num_train=256",
+    "data.num_eval=128",
+    "data.image_size=8",
+    "data.num_classes=4",
+    "model.width=4",
+    "model.norm_groups=2",
+    "logger.wandb.mode=disabled",
+    "logger.progress=false",
+]
 # One run of the sweep (per-GPU BN, 8 GPUs x 8 images) for the interruption tests; its epoch length is set
 # by data.num_train, sized from this machine's speed (`sized_run`).
-ONE_RUN = ["experiment=gn_table2", "norm=bn", "per_gpu_batch=8", "preset=local", "data=synthetic",
-           "data.train_subset=null", "data.epoch_size=null", "data.num_eval=256", "data.image_size=16",
-           "data.num_classes=4", "logger.wandb.mode=disabled", "logger.progress=false"]
+ONE_RUN = [
+    "experiment=gn_table2",
+    "norm=bn",
+    "per_gpu_batch=8",
+    "preset=local",
+    "data=synthetic",
+    "data.train_subset=null",
+    "data.epoch_size=null",
+    "data.num_eval=256",
+    "data.image_size=16",
+    "data.num_classes=4",
+    "logger.wandb.mode=disabled",
+    "logger.progress=false",
+]
 GLOBAL_BATCH = 64  # preset=local: 64 images a step, whatever per_gpu_batch
 METRIC_KEYS = ("epoch", "lr", "train_loss", "top1_error", "top5_error", "eval_loss")  # not the timings
-RESULT_KEYS = ("status", "run_dir", "epochs_completed", "top1_error_final", "top1_error_median_last5",
-               "top5_error_final", "lr")
+RESULT_KEYS = (
+    "status",
+    "run_dir",
+    "epochs_completed",
+    "top1_error_final",
+    "top1_error_median_last5",
+    "top5_error_final",
+    "lr",
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +77,9 @@ def slurm_env() -> dict:
     if "SLURM_CONF" not in os.environ and (SLURM_DIR / "slurm.conf").exists():
         env["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")
     try:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%t"], env={**os.environ, **env}, capture_output=True,
-                              text=True, timeout=30)
+        proc = subprocess.run(
+            ["sinfo", "-h", "-o", "%t"], env={**os.environ, **env}, capture_output=True, text=True, timeout=30
+        )
         answered = proc.returncode == 0 and proc.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         answered = False
@@ -66,8 +97,9 @@ def job_name(slurm_env):
 
 
 def slurm(*args: str, env: dict) -> str:
-    return subprocess.run(list(args), env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
-                          check=True).stdout
+    return subprocess.run(
+        list(args), env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
 
 
 @pytest.fixture
@@ -78,8 +110,16 @@ def start():
 
     def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "normbench.cli", *args], cwd=REPO, env=full_env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "normbench.cli", *args],
+                cwd=REPO,
+                env=full_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
         return procs[-1]
 
     yield _start
@@ -110,8 +150,10 @@ def runs(results_dir: Path) -> dict[str, dict]:
     for path in sorted(results_dir.glob("gn_table2/*/result.json")):
         result = json.loads(path.read_text())
         rows = [json.loads(l) for l in (path.parent / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        found[path.parent.name] = {**{k: result[k] for k in RESULT_KEYS},
-                                   "epochs": [{k: row[k] for k in METRIC_KEYS} for row in rows]}
+        found[path.parent.name] = {
+            **{k: result[k] for k in RESULT_KEYS},
+            "epochs": [{k: row[k] for k in METRIC_KEYS} for row in rows],
+        }
     return found
 
 
@@ -123,8 +165,11 @@ def the_result(results_dir: Path) -> dict:
 def submitted_jobs(results_dir: Path) -> list[str]:
     """The SLURM job ids submitit submitted for the sweeps in results_dir: its folder <id>/ holds
     <id>_submitted.pkl for each job, `ARRAY_TASK` for a sweep of several runs, a plain id for a single run."""
-    return sorted(p.parent.name for p in results_dir.glob(".hydra/*/.submitit/*/*_submitted.pkl")
-                  if p.name == f"{p.parent.name}_submitted.pkl")
+    return sorted(
+        p.parent.name
+        for p in results_dir.glob(".hydra/*/.submitit/*/*_submitted.pkl")
+        if p.name == f"{p.parent.name}_submitted.pkl"
+    )
 
 
 def sacct_states(job: str, env: dict, timeout: float = 120) -> dict[str, list[str]]:
@@ -162,8 +207,15 @@ def sized_run(images_per_s: float, epoch_s: float, epochs: int) -> list[str]:
 def test_sweep_through_sbatch_gives_the_local_sweeps_runs_and_numbers(tmp_path, slurm_env, job_name):
     local = cli("sweep", *TINY_LOCAL, f"results_dir={tmp_path / 'local'}", timeout=600)
     assert local.returncode == 0, local.stderr[-2000:]
-    on_slurm = cli("sweep", *TINY_LOCAL, "hydra/launcher=slurm_local", f"hydra.launcher.name={job_name}",
-                   f"results_dir={tmp_path / 'slurm'}", env=slurm_env, timeout=600)
+    on_slurm = cli(
+        "sweep",
+        *TINY_LOCAL,
+        "hydra/launcher=slurm_local",
+        f"hydra.launcher.name={job_name}",
+        f"results_dir={tmp_path / 'slurm'}",
+        env=slurm_env,
+        timeout=600,
+    )
     assert on_slurm.returncode == 0, on_slurm.stderr[-3000:]
     assert summary(on_slurm.stdout)["completed"] == 10
 
@@ -180,14 +232,22 @@ def test_sweep_through_sbatch_gives_the_local_sweeps_runs_and_numbers(tmp_path, 
 
 
 def test_a_run_past_its_time_limit_is_requeued_and_resumed_to_the_uninterrupted_numbers(
-        tmp_path, slurm_env, job_name, images_per_s, start):
+    tmp_path, slurm_env, job_name, images_per_s, start
+):
     # 6 epochs of ~20 s: SLURM signals 30-60 s before a 2-minute limit (it checks about every 30 s), epochs
     # in, and the requeued job has the remaining ones to do (on a loaded machine, in several allocations).
     run = sized_run(images_per_s, epoch_s=20, epochs=6)
     reference = start("sweep", *run, f"results_dir={tmp_path / 'reference'}")
-    sweep = start("sweep", *run, "hydra/launcher=slurm_local", f"hydra.launcher.name={job_name}",
-                  "hydra.launcher.timeout_min=2", "hydra.launcher.max_num_timeout=5",
-                  f"results_dir={tmp_path / 'slurm'}", env=slurm_env)
+    sweep = start(
+        "sweep",
+        *run,
+        "hydra/launcher=slurm_local",
+        f"hydra.launcher.name={job_name}",
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.max_num_timeout=5",
+        f"results_dir={tmp_path / 'slurm'}",
+        env=slurm_env,
+    )
     statuses = []  # result.json's status whenever it changes while the job runs, requeues included
     deadline = time.monotonic() + 900
     while sweep.poll() is None and time.monotonic() < deadline:
@@ -216,13 +276,19 @@ def test_a_run_past_its_time_limit_is_requeued_and_resumed_to_the_uninterrupted_
 
 
 def test_a_cancelled_job_is_never_completed_and_the_next_sweep_resumes_it(
-        tmp_path, slurm_env, job_name, images_per_s, start):
+    tmp_path, slurm_env, job_name, images_per_s, start
+):
     # 6 epochs of ~5 s: cancelled after the first checkpoint, the job has 25 s of training left, more than
     # SLURM's KillWait (10 s on the local cluster) between its SIGTERM and SIGKILL.
     run = sized_run(images_per_s, epoch_s=5, epochs=6)
     reference = start("sweep", *run, f"results_dir={tmp_path / 'reference'}")
-    command = ["sweep", *run, "hydra/launcher=slurm_local", f"hydra.launcher.name={job_name}",
-               f"results_dir={tmp_path / 'slurm'}"]
+    command = [
+        "sweep",
+        *run,
+        "hydra/launcher=slurm_local",
+        f"hydra.launcher.name={job_name}",
+        f"results_dir={tmp_path / 'slurm'}",
+    ]
     sweep = start(*command, env=slurm_env)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "slurm").glob("gn_table2/*/checkpoint.pt")):

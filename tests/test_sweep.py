@@ -1,4 +1,5 @@
 """Sweeps: grids from the real experiment configs, idempotent reruns, concurrent sweeps, failures, launchers."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY, cli, compose
 from hydra_plugins.normbench_sweeper.normbench_sweeper import plan_jobs
+
+from conftest import REPO, TINY, cli, compose
 
 # The tiny run, minus the settings a grid sweeps over.
 SWEEP_TINY = [a for a in TINY if not a.startswith(("per_gpu_batch=", "epochs="))] + ["epochs=1"]
@@ -28,8 +30,14 @@ def _summary(stdout: str) -> dict:
 def test_sn_table_grid_has_the_papers_cells():
     grid, seeds, allowed = _grid("experiment=sn_table")
     jobs = plan_jobs([[]], grid, seeds, allowed)
-    cells = {(dict(o.split("=") for o in j)["norm"], int(dict(o.split("=") for o in j)["gpus"]),
-              int(dict(o.split("=") for o in j)["per_gpu_batch"])) for j in jobs}
+    cells = {
+        (
+            dict(o.split("=") for o in j)["norm"],
+            int(dict(o.split("=") for o in j)["gpus"]),
+            int(dict(o.split("=") for o in j)["per_gpu_batch"]),
+        )
+        for j in jobs
+    }
     settings = [(8, 32), (8, 16), (8, 8), (8, 4), (8, 2), (1, 16), (1, 32), (8, 1), (1, 8)]
     expected = {(n, g, b) for n in ("bn", "gn", "sn") for g, b in settings} - {("bn", 8, 1)}
     assert cells == expected and len(jobs) == 26
@@ -41,7 +49,8 @@ def test_command_line_value_selects_a_slice_and_seeds_multiply():
     grid, _, _ = _grid("experiment=gn_table2")
     jobs = plan_jobs([["per_gpu_batch=2"]], grid, [0, 1], {})
     assert sorted(" ".join(sorted(j)) for j in jobs) == sorted(
-        " ".join(sorted(["per_gpu_batch=2", f"norm={n}", f"seed={s}"])) for n in ("bn", "gn") for s in (0, 1))
+        " ".join(sorted(["per_gpu_batch=2", f"norm={n}", f"seed={s}"])) for n in ("bn", "gn") for s in (0, 1)
+    )
 
 
 def test_small_presets_keep_only_group_counts_their_model_has():
@@ -54,11 +63,18 @@ def test_small_presets_keep_only_group_counts_their_model_has():
 def test_sweep_runs_the_grid_then_skips_it_and_reports(tmp_path):
     first = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, f"results_dir={tmp_path}")
     assert first.returncode == 0, first.stderr[-2000:]
-    assert _summary(first.stdout) == {"completed": 10, "skipped": 0, "resumed": 0, "diverged": 0, "busy": 0,
-                                      "failed": 0}
+    assert _summary(first.stdout) == {
+        "completed": 10,
+        "skipped": 0,
+        "resumed": 0,
+        "diverged": 0,
+        "busy": 0,
+        "failed": 0,
+    }
     results = [json.loads(p.read_text()) for p in tmp_path.rglob("result.json")]
     assert sorted((r["norm"], r["per_gpu_batch"]) for r in results) == sorted(
-        (n, b) for n in ("bn", "gn") for b in (32, 16, 8, 4, 2))
+        (n, b) for n in ("bn", "gn") for b in (32, 16, 8, 4, 2)
+    )
     assert {r["experiment"] for r in results} == {"gn_table2"}
     again = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, f"results_dir={tmp_path}")
     assert _summary(again.stdout)["skipped"] == 10
@@ -70,11 +86,20 @@ def test_sweep_runs_the_grid_then_skips_it_and_reports(tmp_path):
 
 @pytest.mark.slow
 def test_two_sweeps_at_once_never_run_a_config_twice(tmp_path):
-    command = [sys.executable, "-m", "normbench.cli", "sweep", "experiment=gn_table2", *SWEEP_TINY,
-               f"results_dir={tmp_path}"]
+    command = [
+        sys.executable,
+        "-m",
+        "normbench.cli",
+        "sweep",
+        "experiment=gn_table2",
+        *SWEEP_TINY,
+        f"results_dir={tmp_path}",
+    ]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    procs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     summaries = [_summary(o[0]) for o in outs]
@@ -99,8 +124,15 @@ def test_a_failing_run_is_counted_and_the_sweep_goes_on(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_the_sweep(tmp_path):
-    proc = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, "per_gpu_batch=32", "hydra/launcher=local",
-               f"results_dir={tmp_path}", timeout=600)
+    proc = cli(
+        "sweep",
+        "experiment=gn_table2",
+        *SWEEP_TINY,
+        "per_gpu_batch=32",
+        "hydra/launcher=local",
+        f"results_dir={tmp_path}",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _summary(proc.stdout)["completed"] == 2
     assert sorted(json.loads(p.read_text())["norm"] for p in tmp_path.rglob("result.json")) == ["bn", "gn"]
@@ -118,8 +150,14 @@ def test_sweep_tells_run_k_of_n_and_a_dry_run_lists_states_without_writing(tmp_p
     run_dirs = {json.loads(p.read_text())["norm"]: p.parent for p in tmp_path.rglob("result.json")}
     (run_dirs["gn"] / "result.json").unlink()  # its checkpoint stays: a run to resume
     before = _tree(tmp_path)
-    dry = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, "per_gpu_batch=8,4", "sweep.dry_run=true",
-              f"results_dir={tmp_path}")
+    dry = cli(
+        "sweep",
+        "experiment=gn_table2",
+        *SWEEP_TINY,
+        "per_gpu_batch=8,4",
+        "sweep.dry_run=true",
+        f"results_dir={tmp_path}",
+    )
     assert dry.returncode == 0, dry.stderr[-2000:]
     listed = dict(reversed(line.split()) for line in dry.stdout.splitlines() if line.startswith("  "))
     assert listed[run_dirs["bn"].name] == "done" and listed[run_dirs["gn"].name] == "partial"
@@ -127,8 +165,15 @@ def test_sweep_tells_run_k_of_n_and_a_dry_run_lists_states_without_writing(tmp_p
     assert len(new) == 2 and all(re.fullmatch(r"cifar_resnet8-synthetic-(bn|gn)-4x4-s0-[0-9a-f]{10}", n) for n in new)
     assert f"4 runs in {tmp_path}/gn_table2/: 1 done, 1 partial, 2 new; nothing trained" in dry.stdout
     assert _tree(tmp_path) == before  # nothing trained, nothing written
-    forced = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, "per_gpu_batch=8", "sweep.dry_run=true", "force=true",
-                 f"results_dir={tmp_path}")
+    forced = cli(
+        "sweep",
+        "experiment=gn_table2",
+        *SWEEP_TINY,
+        "per_gpu_batch=8",
+        "sweep.dry_run=true",
+        "force=true",
+        f"results_dir={tmp_path}",
+    )
     assert f"  redo     {run_dirs['bn'].name}" in forced.stdout  # force=true retrains a finished run
 
 

@@ -1,4 +1,5 @@
 """The training pipeline end to end: composed from the real configs, shrunk to seconds."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,9 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY, cli, compose
 from normbench.train import train
+
+from conftest import REPO, TINY, cli, compose
 
 pytestmark = pytest.mark.slow  # every test here trains (in-process or in a subprocess)
 
@@ -52,8 +54,15 @@ def test_run_writes_its_directory_and_is_skipped_when_rerun(tmp_path):
 
 
 def test_learning_rate_schedule_in_metrics_follows_the_step_rule(tmp_path):
-    _run(tmp_path, "epochs=4", "base_lr=0.1", "schedule.name=step", "schedule.milestones=[0.5]",
-         "schedule.gamma=0.1", "schedule.warmup_epochs=0")
+    _run(
+        tmp_path,
+        "epochs=4",
+        "base_lr=0.1",
+        "schedule.name=step",
+        "schedule.milestones=[0.5]",
+        "schedule.gamma=0.1",
+        "schedule.warmup_epochs=0",
+    )
     (run,) = _run_dirs(tmp_path)
     lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     peak = 0.1 * 4 * 8 / 256
@@ -73,13 +82,16 @@ def test_non_finite_loss_is_a_diverged_result_not_a_crash(tmp_path):
     assert _run(tmp_path, "norm=none", "base_lr=1e6", "logger.check_every=1")["outcome"] == "skipped"
 
 
-@pytest.mark.parametrize("override, words", [
-    ("norm.groups=3", ["gn", "3"]),              # groups do not divide the channels
-    ("per_gpu_batch=0", ["per_gpu_batch"]),
-    ("schedule.name=linear", ["schedule.name"]),
-    ("nosuchkey=1", ["nosuchkey"]),               # mistyped setting
-    ("data.root=/nonexistent", ["/nonexistent"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("norm.groups=3", ["gn", "3"]),  # groups do not divide the channels
+        ("per_gpu_batch=0", ["per_gpu_batch"]),
+        ("schedule.name=linear", ["schedule.name"]),
+        ("nosuchkey=1", ["nosuchkey"]),  # mistyped setting
+        ("data.root=/nonexistent", ["/nonexistent"]),
+    ],
+)
 def test_bad_input_fails_in_one_line_before_writing_anything(tmp_path, override, words):
     base = [a for a in TINY if not a.startswith("data")] if override.startswith("data.root") else TINY
     extra = ["data=fashion_mnist", "data.download=false"] if override.startswith("data.root") else []
@@ -98,13 +110,24 @@ def _weights(run_dir):
 
 def test_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_result(tmp_path):
     # random crop and flip on: a resume must replay epoch 2's augmentation to match
-    args = [*TINY, "data.num_train=4096", "epochs=3", "per_gpu_batch=4", "data.augment.crop_padding=2",
-            "data.augment.flip=true"]
+    args = [
+        *TINY,
+        "data.num_train=4096",
+        "epochs=3",
+        "per_gpu_batch=4",
+        "data.augment.crop_padding=2",
+        "data.augment.flip=true",
+    ]
     reference = cli("train", *args, f"results_dir={tmp_path / 'ref'}")
     assert reference.returncode == 0, reference.stderr
     command = [sys.executable, "-m", "normbench.cli", "train", *args, f"results_dir={tmp_path / 'killed'}"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 240
     while not list((tmp_path / "killed").rglob("checkpoint.pt")) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before its first checkpoint"
@@ -135,10 +158,24 @@ def test_two_process_ddp_bn_and_sn_match_one_process_emulation(tmp_path, norm):
     args = [*TINY, *norm, "epochs=1", "data.num_train=128"]
     single = cli("train", *args, f"results_dir={tmp_path / 'one'}")
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "normbench.train", *args, f"results_dir={tmp_path / 'two'}"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "normbench.train",
+            *args,
+            f"results_dir={tmp_path / 'two'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     (one,), (two,) = _run_dirs(tmp_path / "one"), _run_dirs(tmp_path / "two")
     assert one.name == two.name  # same identifying config, same run

@@ -19,8 +19,8 @@ from .common import (
     EvalLoader,
     TrainLoader,
     apply_train_subset,
-    epoch_images,
     check_batch,
+    epoch_images,
     epoch_permutation,
     opt,
     per_channel,
@@ -85,7 +85,9 @@ def build_data(
     device = torch.device(device)
     name = opt(cfg_data, "name", None)
     if name not in DATASETS:
-        raise DataError(f"unknown data set data.name={name!r}; choose one of {', '.join(DATASETS)} (configs/data/<name>.yaml)")
+        raise DataError(
+            f"unknown data set data.name={name!r}; choose one of {', '.join(DATASETS)} (configs/data/<name>.yaml)"
+        )
     global_batch, rank, world_size, seed = int(global_batch), int(rank), int(world_size), int(seed)
     # Fail fast on the batch geometry before touching any file.
     check_batch(name, global_batch, rank, world_size, num_train=global_batch)

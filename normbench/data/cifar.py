@@ -60,9 +60,14 @@ def read_batch(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="bytes")
     except Exception as e:  # truncated pickles raise EOFError/UnpicklingError/ValueError...
-        raise DataError(f"{name}: cannot unpickle {path} ({type(e).__name__}: {e}); the file is corrupt or truncated, delete it and {_fix(name)}")
+        raise DataError(
+            f"{name}: cannot unpickle {path} ({type(e).__name__}: {e}); the file is corrupt or truncated, delete it "
+            f"and {_fix(name)}"
+        ) from None
     if not isinstance(entry, dict):
-        raise DataError(f"{name}: {path} does not hold a dict (got {type(entry).__name__}); replace the file, or {_fix(name)}")
+        raise DataError(
+            f"{name}: {path} does not hold a dict (got {type(entry).__name__}); replace the file, or {_fix(name)}"
+        )
     label_key = spec["label_key"]
     data = entry.get(b"data", entry.get("data"))
     labels = entry.get(label_key, entry.get(label_key.decode()))
@@ -71,11 +76,19 @@ def read_batch(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(data)
     labels = np.asarray(labels, dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"{name}: {path} b'data' is {data.dtype} {tuple(data.shape)}, expected uint8 (N, 3072); replace the file, or {_fix(name)}")
+        raise DataError(
+            f"{name}: {path} b'data' is {data.dtype} {tuple(data.shape)}, expected uint8 (N, 3072); replace the "
+            f"file, or {_fix(name)}"
+        )
     if labels.shape != (data.shape[0],):
-        raise DataError(f"{name}: {path} has {data.shape[0]} images but {labels.size} labels; replace the file, or {_fix(name)}")
+        raise DataError(
+            f"{name}: {path} has {data.shape[0]} images but {labels.size} labels; replace the file, or {_fix(name)}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= spec["num_classes"]):
-        raise DataError(f"{name}: {path} labels lie in [{labels.min()}, {labels.max()}], expected 0..{spec['num_classes'] - 1}; replace the file, or {_fix(name)}")
+        raise DataError(
+            f"{name}: {path} labels lie in [{labels.min()}, {labels.max()}], expected 0..{spec['num_classes'] - 1}; "
+            f"replace the file, or {_fix(name)}"
+        )
     return data, labels
 
 
@@ -96,7 +109,10 @@ def _download(name: str, root: Path) -> None:
             if find_folder(name, root) is None:
                 cls(str(root), train=True, download=True)
     except Exception as e:
-        raise DataError(f"{name}: download into {root} failed ({type(e).__name__}: {e}); set data.root to a directory holding {SPECS[name]['folder']}/ or check the internet connection")
+        raise DataError(
+            f"{name}: download into {root} failed ({type(e).__name__}: {e}); set data.root to a directory holding "
+            f"{SPECS[name]['folder']}/ or check the internet connection"
+        ) from None
 
 
 def resolve_folder(name: str, cfg) -> Path:
@@ -109,7 +125,10 @@ def resolve_folder(name: str, cfg) -> Path:
     _download(name, root)
     folder = find_folder(name, root)
     if folder is None:
-        raise DataError(f"{name}: download into {root} finished but {SPECS[name]['folder']}/ is incomplete; delete it and retry, or {_fix(name)}")
+        raise DataError(
+            f"{name}: download into {root} finished but {SPECS[name]['folder']}/ is incomplete; delete it and retry, "
+            f"or {_fix(name)}"
+        )
     return folder
 
 

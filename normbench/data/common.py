@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -78,7 +79,9 @@ def epoch_permutation(num_train: int, seed: int, epoch: int) -> torch.Tensor:
 def check_batch(name: str, global_batch: int, rank: int, world_size: int, num_train: int) -> int:
     """Validate the batch geometry; returns the per-rank batch size."""
     if world_size < 1 or not 0 <= rank < world_size:
-        raise DataError(f"{name}: rank {rank} is not in [0, world_size={world_size}); pass the torchrun RANK/WORLD_SIZE")
+        raise DataError(
+            f"{name}: rank {rank} is not in [0, world_size={world_size}); pass the torchrun RANK/WORLD_SIZE"
+        )
     if global_batch < 1:
         raise DataError(f"{name}: global batch {global_batch} must be positive; set gpus and per_gpu_batch >= 1")
     if global_batch % world_size != 0:
@@ -88,7 +91,8 @@ def check_batch(name: str, global_batch: int, rank: int, world_size: int, num_tr
         )
     if num_train < global_batch:
         raise DataError(
-            f"{name}: only {num_train} training images but the global batch is {global_batch}, so an epoch has no step; "
+            f"{name}: only {num_train} training images but the global batch is {global_batch}, so an epoch has no "
+            "step; "
             f"lower the batch or raise data.train_subset/num_train"
         )
     return global_batch // world_size
@@ -101,8 +105,10 @@ def epoch_images(name: str, cfg: Any, num_train: int, global_batch: int) -> int:
     if size is None:
         return num_train
     if not isinstance(size, int) or isinstance(size, bool) or not global_batch <= size <= num_train:
-        raise DataError(f"{name}: data.epoch_size={size!r} must be an integer in [global batch {global_batch}, "
-                        f"{num_train} training images], or null for full epochs")
+        raise DataError(
+            f"{name}: data.epoch_size={size!r} must be an integer in [global batch {global_batch}, "
+            f"{num_train} training images], or null for full epochs"
+        )
     return size
 
 

@@ -14,7 +14,7 @@ Eval batches are slices of the un-padded interior (no augmentation).
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,9 @@ def crop_grids(h: int, w: int, wp: int, device) -> tuple[torch.Tensor, torch.Ten
     return torch.arange(h, device=device) * wp, torch.stack([ar_w, (w - 1) - ar_w])
 
 
-def gather_crop(xpad: torch.Tensor, base: torch.Tensor, flip_idx: torch.Tensor, row_off: torch.Tensor, col_table: torch.Tensor) -> torch.Tensor:
+def gather_crop(
+    xpad: torch.Tensor, base: torch.Tensor, flip_idx: torch.Tensor, row_off: torch.Tensor, col_table: torch.Tensor
+) -> torch.Tensor:
     """One gather: ``out[b, c, i, j] = xpad[b, c].flat[base[b] + row_off[i] + col_table[flip_idx[b], j]]``."""
     b, c, hp, wp = xpad.shape
     h, w = row_off.shape[0], col_table.shape[1]
@@ -58,7 +60,9 @@ def gather_crop(xpad: torch.Tensor, base: torch.Tensor, flip_idx: torch.Tensor, 
     return torch.gather(xpad.reshape(b, c, hp * wp), 2, idx.view(b, 1, h * w).expand(b, c, h * w)).view(b, c, h, w)
 
 
-def crop_flip_padded(xpad: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, fl: torch.Tensor, padding: int) -> torch.Tensor:
+def crop_flip_padded(
+    xpad: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, fl: torch.Tensor, padding: int
+) -> torch.Tensor:
     """Batched random crop + horizontal flip of already padded images.
 
     ``xpad``: ``(B, C, H+2p, W+2p)``; returns ``(B, C, H, W)`` with

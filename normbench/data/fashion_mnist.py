@@ -55,17 +55,26 @@ def read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
         else:
             raw = path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-        raise DataError(f"{NAME}: cannot read {path} ({type(e).__name__}: {e}); the file is corrupt or truncated, delete it and {FIX}")
+        raise DataError(
+            f"{NAME}: cannot read {path} ({type(e).__name__}: {e}); the file is corrupt or truncated, delete it and "
+            f"{FIX}"
+        ) from None
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{NAME}: {path} is truncated ({len(raw)} bytes, header needs {header}); delete it and {FIX}")
     got_magic = int.from_bytes(raw[0:4], "big")
     if got_magic != magic:
-        raise DataError(f"{NAME}: {path} has magic number {got_magic:#010x}, expected {magic:#010x} (not an idx file of this kind); replace it, or {FIX}")
+        raise DataError(
+            f"{NAME}: {path} has magic number {got_magic:#010x}, expected {magic:#010x} (not an idx file of this "
+            f"kind); replace it, or {FIX}"
+        )
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + int(np.prod(dims, dtype=np.int64))
     if len(raw) != expected:
-        raise DataError(f"{NAME}: {path} has {len(raw)} bytes but its header {dims} implies {expected}; the file is truncated or corrupt, delete it and {FIX}")
+        raise DataError(
+            f"{NAME}: {path} has {len(raw)} bytes but its header {dims} implies {expected}; the file is truncated or "
+            f"corrupt, delete it and {FIX}"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -73,11 +82,19 @@ def load_split(files: dict[str, Path], split: str) -> tuple[torch.Tensor, torch.
     images = read_idx(files[f"{split}_images"], IMAGE_MAGIC, 3)
     labels = read_idx(files[f"{split}_labels"], LABEL_MAGIC, 1)
     if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{NAME}: {split} has {images.shape[0]} images but {labels.shape[0]} labels; the files do not belong together, replace them or {FIX}")
+        raise DataError(
+            f"{NAME}: {split} has {images.shape[0]} images but {labels.shape[0]} labels; the files do not belong "
+            f"together, replace them or {FIX}"
+        )
     if images.shape[1:] != (28, 28):
-        raise DataError(f"{NAME}: {split} images are {images.shape[1]}x{images.shape[2]}, expected 28x28; replace the files or {FIX}")
+        raise DataError(
+            f"{NAME}: {split} images are {images.shape[1]}x{images.shape[2]}, expected 28x28; replace the files or "
+            f"{FIX}"
+        )
     if labels.size and int(labels.max()) >= NUM_CLASSES:
-        raise DataError(f"{NAME}: {split} labels go up to {int(labels.max())}, expected 0..9; replace the files or {FIX}")
+        raise DataError(
+            f"{NAME}: {split} labels go up to {int(labels.max())}, expected 0..9; replace the files or {FIX}"
+        )
     x = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
     y = torch.from_numpy(labels.astype(np.int64))
     return x, y
@@ -94,7 +111,11 @@ def _download(directory: Path) -> None:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{NAME}: download into {directory} failed ({type(e).__name__}: {e}); install Debian's dataset-fashion-mnist, set data.root to a directory holding the idx files, or check the internet connection")
+        raise DataError(
+            f"{NAME}: download into {directory} failed ({type(e).__name__}: {e}); install Debian's "
+            "dataset-fashion-mnist, set data.root to a directory holding the idx files, or check the internet "
+            "connection"
+        ) from None
 
 
 def resolve_files(cfg) -> dict[str, Path]:

@@ -13,8 +13,8 @@ on the world size, nor on the number of workers, nor on which worker decodes it.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,9 +24,9 @@ from .common import (
     STREAM_AUGMENT,
     DataError,
     apply_train_subset,
-    epoch_images,
     check_batch,
     epoch_generator,
+    epoch_images,
     epoch_permutation,
     eval_shard,
     mix_seed,
@@ -58,8 +58,9 @@ class SeededTransformDataset(Dataset):
         try:
             img = self.folder.loader(path)
         except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated, empty or not an image
-            raise DataError(f"{NAME}: cannot read image {path} ({' '.join(str(err).split())}); replace or remove "
-                            f"that file") from None
+            raise DataError(
+                f"{NAME}: cannot read image {path} ({' '.join(str(err).split())}); replace or remove that file"
+            ) from None
         if seed is None:
             x = self.transform(img)
         else:
@@ -74,8 +75,9 @@ class SeededTransformDataset(Dataset):
 class GlobalBatchSliceSampler(Sampler):
     """Yields, per step, this rank's slice of the global batch as ``[(index, transform_seed), ...]``."""
 
-    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int,
-                 epoch_size: int | None = None):
+    def __init__(
+        self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int, epoch_size: int | None = None
+    ):
         self.num_samples = num_samples
         self.epoch_size = epoch_size or num_samples
         self.global_batch = global_batch
@@ -91,7 +93,9 @@ class GlobalBatchSliceSampler(Sampler):
 
     def __iter__(self) -> Iterator[list]:
         perm = epoch_permutation(self.num_samples, self.seed, self.epoch).tolist()
-        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=epoch_generator(self.seed, self.epoch, STREAM_AUGMENT)).tolist()
+        seeds = torch.randint(
+            0, 2**62, (self.num_samples,), generator=epoch_generator(self.seed, self.epoch, STREAM_AUGMENT)
+        ).tolist()
         g = self.global_batch
         for b in range(len(self)):
             pos = rank_slice(g, self.rank, self.world_size, step=b)
@@ -159,7 +163,10 @@ def _image_folder(path: Path):
     try:
         return ImageFolder(str(path))
     except (FileNotFoundError, OSError, RuntimeError) as e:
-        raise DataError(f"{NAME}: {path} is not a usable ImageFolder ({type(e).__name__}: {e}); it needs one sub-directory of images per class")
+        raise DataError(
+            f"{NAME}: {path} is not a usable ImageFolder ({type(e).__name__}: {e}); it needs one sub-directory of "
+            "images per class"
+        ) from None
 
 
 def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, device: torch.device) -> dict:
@@ -167,15 +174,27 @@ def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, devi
 
     root = user_root(cfg)
     if root is None:
-        raise DataError(f"{NAME}: data.root is not set; set data.root to a directory with train/ and val/ ImageFolder sub-directories (one folder per class)")
+        raise DataError(
+            f"{NAME}: data.root is not set; set data.root to a directory with train/ and val/ ImageFolder "
+            "sub-directories (one folder per class)"
+        )
     if not (root / "train").is_dir():
-        raise DataError(f"{NAME}: no train/ directory in {root}; set data.root to a directory with train/ and val/ ImageFolder sub-directories (one folder per class)")
+        raise DataError(
+            f"{NAME}: no train/ directory in {root}; set data.root to a directory with train/ and val/ ImageFolder "
+            "sub-directories (one folder per class)"
+        )
     if not (root / "val").is_dir():
-        raise DataError(f"{NAME}: no val/ directory in {root}; put the validation images in {root}/val/<class>/ (the same class folders as train/)")
+        raise DataError(
+            f"{NAME}: no val/ directory in {root}; put the validation images in {root}/val/<class>/ (the same class "
+            "folders as train/)"
+        )
     train_folder = _image_folder(root / "train")
     val_folder = _image_folder(root / "val")
     if val_folder.class_to_idx != train_folder.class_to_idx:
-        raise DataError(f"{NAME}: {root}/val has {len(val_folder.classes)} class folders that differ from the {len(train_folder.classes)} in train/; sort the validation images into the same class folders")
+        raise DataError(
+            f"{NAME}: {root}/val has {len(val_folder.classes)} class folders that differ from the "
+            f"{len(train_folder.classes)} in train/; sort the validation images into the same class folders"
+        )
 
     size = int(opt(cfg, "image_size", 224))
     resize = int(round(size * 256 / 224))
@@ -200,12 +219,20 @@ def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, devi
     workers = int(opt(cfg, "workers", 0))
     eval_batch = int(opt(cfg, "eval_batch", 100))
     if workers < 0 or eval_batch < 1:
-        raise DataError(f"{NAME}: data.workers={workers} and data.eval_batch={eval_batch} must be >= 0 and >= 1; fix the config")
+        raise DataError(
+            f"{NAME}: data.workers={workers} and data.eval_batch={eval_batch} must be >= 0 and >= 1; fix the config"
+        )
     pin = device.type == "cuda"
-    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0, worker_init_fn=_seed_worker if workers > 0 else None)
+    common = dict(
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker if workers > 0 else None,
+    )
 
-    sampler = GlobalBatchSliceSampler(num_train, global_batch, rank, world_size, seed,
-                                      epoch_images(NAME, cfg, num_train, global_batch))
+    sampler = GlobalBatchSliceSampler(
+        num_train, global_batch, rank, world_size, seed, epoch_images(NAME, cfg, num_train, global_batch)
+    )
     train_loader = DataLoader(
         SeededTransformDataset(train_folder, T.Compose(train_tf)),
         batch_sampler=sampler,
@@ -213,7 +240,11 @@ def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, devi
         **common,
     )
     lo, hi = eval_shard(len(val_folder), rank, world_size)
-    eval_loader = DataLoader(SeededTransformDataset(val_folder, T.Compose(eval_tf)), batch_sampler=ShardBatchSampler(lo, hi, eval_batch), **common)
+    eval_loader = DataLoader(
+        SeededTransformDataset(val_folder, T.Compose(eval_tf)),
+        batch_sampler=ShardBatchSampler(lo, hi, eval_batch),
+        **common,
+    )
     return dict(
         num_classes=len(train_folder.classes),
         in_channels=3,

@@ -5,6 +5,7 @@ convolutions, fc ~ N(0, 0.01), gamma = 1 everywhere except the last norm layer o
 (gamma = 0 when `zero_init_last_gamma`), optionally PONO + Moment Shortcut in every residual block
 (`pono_ms`, normbench/models/pono_ms.py) and Weight Standardization on every convolution.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,8 +36,9 @@ def _timm_model(timm_name: str, norm_layer, num_classes: int, in_channels: int) 
     if not timm_name:
         raise ValueError("model=timm needs model.timm_name, e.g. model.timm_name=resnet26d")
     try:
-        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
-                                 norm_layer=norm_layer)
+        return timm.create_model(
+            timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels, norm_layer=norm_layer
+        )
     except RuntimeError as err:  # timm's "Unknown model"
         raise ValueError(f"model=timm: {err}; list names with timm.list_models()") from None
 

@@ -3,6 +3,7 @@
 Shortcuts that change shape use a 1x1 convolution followed by the norm layer (option B), so the norm layer
 under study sits on every path, as in the ImageNet ResNets.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -40,8 +41,9 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, norm_layer: NormFactory, num_classes: int = 10, in_channels: int = 3,
-                 width: int = 16):
+    def __init__(
+        self, depth: int, norm_layer: NormFactory, num_classes: int = 10, in_channels: int = 3, width: int = 16
+    ):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"cifar_resnet: depth={depth} is not 6n+2 (n>=1); use 8, 20, 32, 44, 56 or 110")

@@ -20,6 +20,7 @@ between. In a residual block (ours, torchvision's, timm's: blocks with ``conv1``
 The modules are wrappers around the block's own convolutions (``conv1`` becomes ``ConvPono``, the last conv
 ``ConvMomentShortcut``), so every block's own ``forward`` runs unchanged.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -71,7 +72,9 @@ def residual_blocks(model: nn.Module) -> list[tuple[nn.Module, str]]:
         if not isinstance(getattr(module, "conv1", None), nn.Conv2d):
             continue
         for norm, conv in (("bn3", "conv3"), ("bn2", "conv2")):
-            if isinstance(getattr(module, norm, None), nn.Module) and isinstance(getattr(module, conv, None), nn.Conv2d):
+            if isinstance(getattr(module, norm, None), nn.Module) and isinstance(
+                getattr(module, conv, None), nn.Conv2d
+            ):
                 found.append((module, conv))
                 break
     return found
@@ -82,8 +85,10 @@ def add_pono_ms(model: nn.Module) -> nn.Module:
     a ValueError when the model has no such block."""
     blocks = residual_blocks(model)
     if not blocks:
-        raise ValueError(f"model.pono_ms=true: {type(model).__name__} has no residual block with conv1 and a last "
-                         f"bn2/bn3 to put PONO and the Moment Shortcut in; use a ResNet or model.pono_ms=false")
+        raise ValueError(
+            f"model.pono_ms=true: {type(model).__name__} has no residual block with conv1 and a last "
+            f"bn2/bn3 to put PONO and the Moment Shortcut in; use a ResNet or model.pono_ms=false"
+        )
     for block, last in blocks:
         first = ConvPono(block.conv1)
         block.conv1 = first

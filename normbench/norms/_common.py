@@ -54,8 +54,11 @@ class NormLayer:
     @classmethod
     def _option_defaults(cls) -> dict:
         params = inspect.signature(cls.__init__).parameters
-        return {k: p.default for k, p in params.items()
-                if k not in _NOT_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return {
+            k: p.default
+            for k, p in params.items()
+            if k not in _NOT_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -70,8 +73,10 @@ class NormLayer:
         unknown = sorted(set(options) - set(defaults))
         if unknown:
             accepts = ", ".join(sorted(defaults)) if defaults else "no options"
-            raise NormConfigError(f"{cls.norm_name}: unknown option{'s' if len(unknown) > 1 else ''} "
-                                  f"{', '.join(map(repr, unknown))}; {cls.norm_name} accepts {accepts}")
+            raise NormConfigError(
+                f"{cls.norm_name}: unknown option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}; {cls.norm_name} accepts {accepts}"
+            )
         cls._check(**{**defaults, **options})
 
     @classmethod
@@ -93,8 +98,15 @@ def check_int(layer: str, name: str, value, minimum: int | None = 1, allow_none:
     return int(value)
 
 
-def check_float(layer: str, name: str, value, low: float | None = None, high: float | None = None,
-                low_open: bool = False, allow_none: bool = False):
+def check_float(
+    layer: str,
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    allow_none: bool = False,
+):
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -149,11 +161,13 @@ def check_input(layer: str, x: Tensor, num_channels: int) -> None:
         raise NormConfigError(f"{layer}: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
     if x.shape[1] != num_channels:
         raise NormConfigError(
-            f"{layer}: input has {x.shape[1]} channels but the layer was built for num_channels={num_channels}")
+            f"{layer}: input has {x.shape[1]} channels but the layer was built for num_channels={num_channels}"
+        )
 
 
-def split_gpus(layer: str, x: Tensor, per_gpu_batch: int | None,
-               fix: str = "use more images per GPU") -> tuple[int, int, int]:
+def split_gpus(
+    layer: str, x: Tensor, per_gpu_batch: int | None, fix: str = "use more images per GPU"
+) -> tuple[int, int, int]:
     """(k, n, m): a training batch of N = k x n images on k emulated GPUs of n images each, and the
     m = n*H*W values per channel each GPU's statistics see (an error when m < 2; ``fix`` ends it).
 
@@ -168,12 +182,14 @@ def split_gpus(layer: str, x: Tensor, per_gpu_batch: int | None,
     if n_total % n != 0:
         raise NormConfigError(
             f"{layer}: batch of N={n_total} is not a multiple of per_gpu_batch={per_gpu_batch}; "
-            f"use a batch of k x {per_gpu_batch} images (e.g. drop_last=True) or change per_gpu_batch")
+            f"use a batch of k x {per_gpu_batch} images (e.g. drop_last=True) or change per_gpu_batch"
+        )
     m = n * x.shape[2] * x.shape[3]
     if m < 2:
         raise NormConfigError(
             f"{layer}: a per-GPU chunk of n={n} image(s) with a {x.shape[2]}x{x.shape[3]} map gives {m} value "
-            f"per channel, so the batch variance is undefined; {fix}")
+            f"per channel, so the batch variance is undefined; {fix}"
+        )
     return n_total // n, n, m
 
 
@@ -203,8 +219,16 @@ def add_running_stats(module: nn.Module, num_channels: int, device=None, dtype=N
     module.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
 
 
-def init_batch_layer(module: nn.Module, num_channels: int, per_gpu_batch, momentum, eps, device=None,
-                     dtype=None, running_mean: bool = True) -> dict:
+def init_batch_layer(
+    module: nn.Module,
+    num_channels: int,
+    per_gpu_batch,
+    momentum,
+    eps,
+    device=None,
+    dtype=None,
+    running_mean: bool = True,
+) -> dict:
     """The state every layer with per-GPU batch statistics has (bn, brn, sn, evonorm_b0): channel count,
     per_gpu_batch / momentum / eps, per-channel affine and BatchNorm2d-compatible running statistics.
     Returns the factory kwargs for the layer's own extra parameters."""

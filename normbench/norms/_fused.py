@@ -74,8 +74,9 @@ def sum_to(t: Tensor, shape) -> Tensor:
 
 class _StatsAffine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, coeff_fn: Callable, centered: list,
-                *params: Tensor) -> Tensor:
+    def forward(
+        ctx, x: Tensor, mean: Tensor, var: Tensor, coeff_fn: Callable, centered: list, *params: Tensor
+    ) -> Tensor:
         with torch.no_grad():
             a, b = coeff_fn(mean, var, *params)
         d = centered.pop() if centered else None
@@ -102,8 +103,7 @@ class _StatsAffine(torch.autograd.Function):
         with torch.enable_grad():
             m = mean.detach().requires_grad_(True)
             v = var.detach().requires_grad_(True)
-            ps = [p.detach().requires_grad_(bool(nd)) if p.is_floating_point() else p
-                  for p, nd in zip(params, needs)]
+            ps = [p.detach().requires_grad_(bool(nd)) if p.is_floating_point() else p for p, nd in zip(params, needs)]
             a, b = ctx.coeff_fn(m, v, *ps)
         cdt = a.dtype
         gf = g if g.dtype == cdt else g.to(cdt)
@@ -133,8 +133,9 @@ class _StatsAffine(torch.autograd.Function):
         return tuple(out)
 
 
-def stats_affine(x: Tensor, mean: Tensor, var: Tensor, coeff_fn: Callable, *params: Tensor,
-                 centered: Tensor | None = None) -> Tensor:
+def stats_affine(
+    x: Tensor, mean: Tensor, var: Tensor, coeff_fn: Callable, *params: Tensor, centered: Tensor | None = None
+) -> Tensor:
     """y = x * A + B with (A, B) = coeff_fn(mean, var, *params); mean/var: biased stats of x (see module doc).
     ``centered``: ``x - mean`` as returned by ``var_mean(..., return_scratch=True)``, owned by nobody else;
     it is overwritten with y."""

@@ -55,8 +55,18 @@ def _bn_coeffs(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: flo
     return a, bias.view(1, 1, c, 1, 1) - mean * a
 
 
-def chunked_batch_norm(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor, bias: Tensor,
-                       k: int, n: int, momentum: float, eps: float, impl: str | None = None) -> Tensor:
+def chunked_batch_norm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    k: int,
+    n: int,
+    momentum: float,
+    eps: float,
+    impl: str | None = None,
+) -> Tensor:
     """Training-mode BN with per-GPU statistics (k GPUs of n images, GPU j = images j, j+k, ...); updates the
     running stats in place with the average over GPUs of each GPU's update."""
     impl = impl or PER_GPU_IMPL
@@ -79,8 +89,7 @@ def chunked_batch_norm(x: Tensor, running_mean: Tensor, running_var: Tensor, wei
         m = n * H * W
         running_mean.lerp_(mean.view(k, C).mean(0).to(running_mean.dtype), momentum)
         running_var.lerp_((var.view(k, C).mean(0) * (m / (m - 1))).to(running_var.dtype), momentum)
-    y = stats_affine(x5, mean, var, lambda mu, v, w, b: _bn_coeffs(mu, v, w, b, eps), weight, bias,
-                     centered=scratch)
+    y = stats_affine(x5, mean, var, lambda mu, v, w, b: _bn_coeffs(mu, v, w, b, eps), weight, bias, centered=scratch)
     return y.view(N, C, H, W)
 
 
@@ -100,8 +109,15 @@ class PerGPUBatchNorm2d(NormLayer, nn.Module):
     def _check(cls, per_gpu_batch, momentum, eps):
         check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
 
-    def __init__(self, num_channels: int, per_gpu_batch: int | None = None, momentum: float = 0.1,
-                 eps: float = 1e-5, device=None, dtype=None):
+    def __init__(
+        self,
+        num_channels: int,
+        per_gpu_batch: int | None = None,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self._check(per_gpu_batch, momentum, eps)
         init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype)
@@ -112,18 +128,17 @@ class PerGPUBatchNorm2d(NormLayer, nn.Module):
         self.num_batches_tracked.zero_()
 
     def extra_repr(self) -> str:
-        return (f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, "
-                f"eps={self.eps}")
+        return f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self.norm_name, x, self.num_channels)
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         k, n, _ = split_gpus(self.norm_name, x, self.per_gpu_batch)
         self.num_batches_tracked.add_(1)
-        return chunked_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                  k, n, self.momentum, self.eps)
+        return chunked_batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, k, n, self.momentum, self.eps
+        )
 
 
 class SyncBatchNorm2d(NormLayer, nn.BatchNorm2d):
@@ -140,5 +155,6 @@ class SyncBatchNorm2d(NormLayer, nn.BatchNorm2d):
 
     def __init__(self, num_channels: int, momentum: float = 0.1, eps: float = 1e-5, device=None, dtype=None):
         self._check(momentum, eps)
-        super().__init__(check_channels(self.norm_name, num_channels), eps=eps, momentum=momentum,
-                         device=device, dtype=dtype)
+        super().__init__(
+            check_channels(self.norm_name, num_channels), eps=eps, momentum=momentum, device=device, dtype=dtype
+        )

@@ -59,8 +59,20 @@ class BatchRenorm2d(NormLayer, nn.Module):
     reads_running_stats_in_training = True
 
     @classmethod
-    def _check(cls, rmax, dmax, schedule, warmup_steps, rmax_max, rmax_steps, dmax_max, dmax_steps, per_gpu_batch,
-               momentum, eps):
+    def _check(
+        cls,
+        rmax,
+        dmax,
+        schedule,
+        warmup_steps,
+        rmax_max,
+        rmax_steps,
+        dmax_max,
+        dmax_steps,
+        per_gpu_batch,
+        momentum,
+        eps,
+    ):
         L = cls.norm_name
         check_float(L, "rmax", rmax, low=1.0, allow_none=True)
         check_float(L, "dmax", dmax, low=0.0, allow_none=True)
@@ -73,20 +85,38 @@ class BatchRenorm2d(NormLayer, nn.Module):
         check_batch_options(L, per_gpu_batch, momentum, eps)
         if schedule:
             if rmax is not None or dmax is not None:
-                raise NormConfigError(f"{L}: rmax={rmax}/dmax={dmax} are fixed values but schedule=true; with a "
-                                      f"schedule set rmax_max/dmax_max instead (or schedule=false)")
+                raise NormConfigError(
+                    f"{L}: rmax={rmax}/dmax={dmax} are fixed values but schedule=true; with a "
+                    f"schedule set rmax_max/dmax_max instead (or schedule=false)"
+                )
             for key, val in (("rmax_steps", rmax_steps), ("dmax_steps", dmax_steps)):
                 if val <= warmup_steps:
-                    raise NormConfigError(f"{L}: {key}={val} must be > warmup_steps={warmup_steps} "
-                                          f"(absolute step at which the maximum is reached)")
+                    raise NormConfigError(
+                        f"{L}: {key}={val} must be > warmup_steps={warmup_steps} "
+                        f"(absolute step at which the maximum is reached)"
+                    )
 
-    def __init__(self, num_channels: int, rmax: float | None = None, dmax: float | None = None,
-                 schedule: bool = False, warmup_steps: int = 5000, rmax_max: float = 3.0, rmax_steps: int = 40000,
-                 dmax_max: float = 5.0, dmax_steps: int = 25000, per_gpu_batch: int | None = None,
-                 momentum: float = 0.1, eps: float = 1e-5, device=None, dtype=None):
+    def __init__(
+        self,
+        num_channels: int,
+        rmax: float | None = None,
+        dmax: float | None = None,
+        schedule: bool = False,
+        warmup_steps: int = 5000,
+        rmax_max: float = 3.0,
+        rmax_steps: int = 40000,
+        dmax_max: float = 5.0,
+        dmax_steps: int = 25000,
+        per_gpu_batch: int | None = None,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
-        self._check(rmax, dmax, schedule, warmup_steps, rmax_max, rmax_steps, dmax_max, dmax_steps, per_gpu_batch,
-                    momentum, eps)
+        self._check(
+            rmax, dmax, schedule, warmup_steps, rmax_max, rmax_steps, dmax_max, dmax_steps, per_gpu_batch, momentum, eps
+        )
         init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype)
         self.schedule = schedule
         self.rmax = 1.5 if rmax is None else float(rmax)
@@ -96,12 +126,15 @@ class BatchRenorm2d(NormLayer, nn.Module):
 
     def extra_repr(self) -> str:
         if self.schedule:
-            clip = (f"schedule: warmup_steps={self.warmup_steps}, rmax 1->{self.rmax_max} by {self.rmax_steps}, "
-                    f"dmax 0->{self.dmax_max} by {self.dmax_steps}")
+            clip = (
+                f"schedule: warmup_steps={self.warmup_steps}, rmax 1->{self.rmax_max} by {self.rmax_steps}, "
+                f"dmax 0->{self.dmax_max} by {self.dmax_steps}"
+            )
         else:
             clip = f"rmax={self.rmax}, dmax={self.dmax}"
-        return (f"{self.num_channels}, {clip}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, "
-                f"eps={self.eps}")
+        return (
+            f"{self.num_channels}, {clip}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"
+        )
 
     def current_limits(self):
         """(rmax, dmax) for the next training step: floats (fixed) or 0-dim tensors (schedule)."""
@@ -115,8 +148,7 @@ class BatchRenorm2d(NormLayer, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(self.norm_name, x, self.num_channels)
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         k, n, m = split_gpus(self.norm_name, x, self.per_gpu_batch)
         N, C, H, W = x.shape
         x5 = gpu_view(x, k, n)
@@ -135,9 +167,17 @@ class BatchRenorm2d(NormLayer, nn.Module):
                 d = ((mean - rm) / s).clamp(-dmax, dmax)
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean.view(k, C).mean(0).to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_((var.view(k, C).mean(0) * (m / (m - 1))).to(self.running_var.dtype),
-                                   self.momentum)
+            self.running_var.lerp_((var.view(k, C).mean(0) * (m / (m - 1))).to(self.running_var.dtype), self.momentum)
         eps = self.eps
-        y = stats_affine(x5, mean, var, lambda mu, v, w, b, r_, d_: _brn_coeffs(mu, v, w, b, r_, d_, eps),
-                         self.weight, self.bias, r, d, centered=scratch)
+        y = stats_affine(
+            x5,
+            mean,
+            var,
+            lambda mu, v, w, b, r_, d_: _brn_coeffs(mu, v, w, b, r_, d_, eps),
+            self.weight,
+            self.bias,
+            r,
+            d,
+            centered=scratch,
+        )
         return y.view(N, C, H, W)

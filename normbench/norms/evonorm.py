@@ -39,8 +39,15 @@ class EvoNorm2dB0(NormLayer, nn.Module):
     def _check(cls, per_gpu_batch, momentum, eps):
         check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
 
-    def __init__(self, num_channels: int, per_gpu_batch: int | None = None, momentum: float = 0.1,
-                 eps: float = 1e-5, device=None, dtype=None):
+    def __init__(
+        self,
+        num_channels: int,
+        per_gpu_batch: int | None = None,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self._check(per_gpu_batch, momentum, eps)
         fk = init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype, running_mean=False)
@@ -60,8 +67,9 @@ class EvoNorm2dB0(NormLayer, nn.Module):
             var_b = (x5 - mean).square().mean((0, 3, 4), keepdim=True)  # (1, k, C, 1, 1) biased
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                self.running_var.lerp_((var_b.view(k, C).mean(0) * (m / (m - 1))).to(self.running_var.dtype),
-                                       self.momentum)
+                self.running_var.lerp_(
+                    (var_b.view(k, C).mean(0) * (m / (m - 1))).to(self.running_var.dtype), self.momentum
+                )
             left = torch.sqrt(var_b + self.eps).expand(n, k, C, 1, 1).reshape(N, C, 1, 1)
         else:
             left = torch.sqrt(self.running_var + self.eps).view(shape)

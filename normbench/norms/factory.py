@@ -71,22 +71,25 @@ def make_norm(num_channels: int | None = None, /, *, norm_name: str, **kwargs) -
     for alias in ("num_features", "num_channels"):
         if alias in kwargs:
             if num_channels is not None:
-                raise NormConfigError(f"{name}: channel count given twice ({num_channels} and "
-                                      f"{alias}={kwargs[alias]})")
+                raise NormConfigError(f"{name}: channel count given twice ({num_channels} and {alias}={kwargs[alias]})")
             num_channels = kwargs.pop(alias)
     if num_channels is None and name != "none":
         raise NormConfigError(f"{name}: norm_layer called without a channel count")
     unknown = sorted(set(kwargs) - allowed - _CALL_EXTRAS)
     if unknown:
-        raise NormConfigError(f"{name}: unexpected argument{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))} for num_channels={num_channels}; accepted: "
-                              f"{', '.join(sorted(allowed | _CALL_EXTRAS))}")
+        raise NormConfigError(
+            f"{name}: unexpected argument{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} for num_channels={num_channels}; accepted: "
+            f"{', '.join(sorted(allowed | _CALL_EXTRAS))}"
+        )
     device = kwargs.pop("device", None)
     dtype = kwargs.pop("dtype", None)
     if "affine" in kwargs and "affine" not in allowed:
         if not check_bool(name, "affine", kwargs.pop("affine")):
-            raise NormConfigError(f"{name}: affine=False is not supported (every normbench layer carries "
-                                  f"per-channel weight and bias); drop affine or use affine=True")
+            raise NormConfigError(
+                f"{name}: affine=False is not supported (every normbench layer carries "
+                f"per-channel weight and bias); drop affine or use affine=True"
+            )
     if "eps" in kwargs and "eps" not in allowed:
         kwargs.pop("eps")  # 'none' has nothing to stabilize
     layer = build_norm(name, num_channels, **kwargs)

@@ -64,10 +64,19 @@ class FilterResponseNorm2d(NormLayer, nn.Module):
         # (tie splitting, a broadcast operand) was ~10 full-size passes, 80% of FRN's time on the CPU.
         if self.eps_l is None:
             eps = self.eps
-            shifted = stats_affine(x, zero, nu2, lambda m, v, w, b, t: _frn_coeffs(v, w, b, t, eps),
-                                   self.weight, self.bias, self.tau)
+            shifted = stats_affine(
+                x, zero, nu2, lambda m, v, w, b, t: _frn_coeffs(v, w, b, t, eps), self.weight, self.bias, self.tau
+            )
         else:
             base = self.eps
-            shifted = stats_affine(x, zero, nu2, lambda m, v, w, b, t, e: _frn_coeffs(v, w, b, t, base + e.abs()),
-                                   self.weight, self.bias, self.tau, self.eps_l)
+            shifted = stats_affine(
+                x,
+                zero,
+                nu2,
+                lambda m, v, w, b, t, e: _frn_coeffs(v, w, b, t, base + e.abs()),
+                self.weight,
+                self.bias,
+                self.tau,
+                self.eps_l,
+            )
         return torch.relu_(shifted) + self.tau.view(1, C, 1, 1).to(shifted.dtype)

@@ -24,24 +24,31 @@ def resolve_groups(layer: str, num_channels: int, groups: int | None, channels_p
     """Number of groups from exactly one of ``groups`` / ``channels_per_group`` (both None -> 32)."""
     if groups is not None and channels_per_group is not None:
         raise NormConfigError(
-            f"{layer}: both groups={groups} and channels_per_group={channels_per_group} are set; set only one")
+            f"{layer}: both groups={groups} and channels_per_group={channels_per_group} are set; set only one"
+        )
     if channels_per_group is not None:
         if num_channels % channels_per_group != 0:
             raise NormConfigError(
                 f"{layer}: channels_per_group={channels_per_group} does not divide num_channels={num_channels}; "
-                f"choose channels_per_group dividing {num_channels} or set groups")
+                f"choose channels_per_group dividing {num_channels} or set groups"
+            )
         return num_channels // channels_per_group
     groups = 32 if groups is None else groups
     if num_channels % groups != 0:
         raise NormConfigError(
             f"{layer}: groups={groups} does not divide num_channels={num_channels}; "
-            f"choose groups dividing {num_channels} or set channels_per_group")
+            f"choose groups dividing {num_channels} or set channels_per_group"
+        )
     return groups
 
 
 def _keep_format(x: Tensor, y: Tensor) -> Tensor:
-    if (not y.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+    if (
+        not y.is_contiguous(memory_format=torch.channels_last)
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    ):
         return y.contiguous(memory_format=torch.channels_last)
     return y
 
@@ -51,7 +58,8 @@ def _check_groups(layer: str, groups, channels_per_group, eps) -> None:
     check_int(layer, "channels_per_group", channels_per_group, minimum=1, allow_none=True)
     if groups is not None and channels_per_group is not None:
         raise NormConfigError(
-            f"{layer}: both groups={groups} and channels_per_group={channels_per_group} are set; set only one")
+            f"{layer}: both groups={groups} and channels_per_group={channels_per_group} are set; set only one"
+        )
     check_eps(layer, eps)
 
 
@@ -64,8 +72,15 @@ class GroupNorm(NormLayer, nn.GroupNorm):
     def _check(cls, groups, channels_per_group, eps):
         _check_groups(cls.norm_name, groups, channels_per_group, eps)
 
-    def __init__(self, num_channels: int, groups: int | None = None, channels_per_group: int | None = None,
-                 eps: float = 1e-5, device=None, dtype=None):
+    def __init__(
+        self,
+        num_channels: int,
+        groups: int | None = None,
+        channels_per_group: int | None = None,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
         _check_groups(self.norm_name, groups, channels_per_group, eps)  # ln / in name themselves
         num_channels = check_channels(self.norm_name, num_channels)
         g = resolve_groups(self.norm_name, num_channels, groups, channels_per_group)
@@ -78,7 +93,8 @@ class GroupNorm(NormLayer, nn.GroupNorm):
             raise NormConfigError(
                 f"{self.norm_name}: a {x.shape[2]}x{x.shape[3]} map with {cpg} channel per group gives 1 value per "
                 f"group (num_channels={self.num_channels}, groups={self.num_groups}), so the statistics are "
-                f"undefined and the output would be the bias alone; use larger maps or fewer groups (gn/ln)")
+                f"undefined and the output would be the bias alone; use larger maps or fewer groups (gn/ln)"
+            )
         return _keep_format(x, F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
 
 

@@ -10,10 +10,16 @@ from ._common import NormLayer
 __all__ = ["is_norm_layer", "reads_running_stats_in_training", "BUILTIN_NORM_TYPES"]
 
 BUILTIN_NORM_TYPES: tuple[type, ...] = tuple(
-    t for t in (
+    t
+    for t in (
         _NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d, Lazy variants
-        nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d, getattr(nn, "RMSNorm", None),
-    ) if t is not None
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.LocalResponseNorm,
+        nn.CrossMapLRN2d,
+        getattr(nn, "RMSNorm", None),
+    )
+    if t is not None
 )
 
 

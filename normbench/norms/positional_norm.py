@@ -102,15 +102,23 @@ class PositionalNorm(NormLayer, nn.Module):
         check_eps(cls.norm_name, eps)
         check_bool(cls.norm_name, "return_moments", return_moments)
 
-    def __init__(self, num_channels: int, affine: bool = True, eps: float = 1e-5, return_moments: bool = False,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_channels: int,
+        affine: bool = True,
+        eps: float = 1e-5,
+        return_moments: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self._check(affine, eps, return_moments)
         num_channels = check_channels(self.norm_name, num_channels)
         if num_channels < 2:
             raise NormConfigError(
                 f"pono: num_channels={num_channels} leaves the unbiased variance over channels undefined; "
-                f"PONO needs num_channels >= 2")
+                f"PONO needs num_channels >= 2"
+            )
         self.num_channels = self.num_features = num_channels
         self.eps = float(eps)
         self.affine = affine
@@ -141,8 +149,10 @@ def _moments(layer: str, source, mean: Tensor | None, std: Tensor | None) -> tup
     if mean is None or std is None:
         pono = source[0]
         if pono is None or pono.last_mean is None:
-            raise NormConfigError(f"{layer}: no moments; pass mean and std, or build the shortcut with its PONO "
-                                  "layer and run that layer's forward first")
+            raise NormConfigError(
+                f"{layer}: no moments; pass mean and std, or build the shortcut with its PONO "
+                "layer and run that layer's forward first"
+            )
         mean = pono.last_mean if mean is None else mean
         std = pono.last_std if std is None else std
     return mean, std
@@ -169,8 +179,14 @@ class DynamicMomentShortcut(nn.Module):
     gamma = 1, beta = 0, so it starts as the identity.
     """
 
-    def __init__(self, num_channels: int, hidden_channels: int = 32, kernel_size: int = 3,
-                 per_channel: bool = True, pono: PositionalNorm | None = None):
+    def __init__(
+        self,
+        num_channels: int,
+        hidden_channels: int = 32,
+        kernel_size: int = 3,
+        per_channel: bool = True,
+        pono: PositionalNorm | None = None,
+    ):
         super().__init__()
         check_channels("dms", num_channels)
         check_int("dms", "hidden_channels", hidden_channels, minimum=1)
@@ -189,7 +205,7 @@ class DynamicMomentShortcut(nn.Module):
         nn.init.zeros_(self.net[2].weight)
         with torch.no_grad():
             self.net[2].bias.zero_()
-            self.net[2].bias[self.out:].fill_(1.0)  # gamma starts at 1
+            self.net[2].bias[self.out :].fill_(1.0)  # gamma starts at 1
         self.__dict__["_source"] = (pono,)
 
     def forward(self, x: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:

@@ -30,7 +30,7 @@ division, so two processes give what one process emulating all GPUs gives.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -58,10 +58,19 @@ def _recorder(acc: dict, key: int):
         dt = stats_dtype(x)
         var, mean = torch.var_mean(gpu_view(x, k, n).to(dt), dim=(0, 3, 4), correction=0)  # (k, C) biased
         mean, var = mean.double(), var.double()
-        rows = torch.stack([torch.full_like(mean[0], k), mean.sum(0), var.sum(0) * (m / (m - 1)),
-                            torch.full_like(mean[0], k * m), m * mean.sum(0), m * mean.square().sum(0),
-                            m * var.sum(0)])
+        rows = torch.stack(
+            [
+                torch.full_like(mean[0], k),
+                mean.sum(0),
+                var.sum(0) * (m / (m - 1)),
+                torch.full_like(mean[0], k * m),
+                m * mean.sum(0),
+                m * mean.square().sum(0),
+                m * var.sum(0),
+            ]
+        )
         acc[key] = rows if acc.get(key) is None else acc[key] + rows
+
     return hook
 
 
@@ -75,10 +84,15 @@ def _finalize(rows: Tensor, variance: str) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def reestimate_statistics(model: nn.Module, layers: Sequence[nn.Module], batches: Iterable, *,
-                          variance: str = "population",
-                          forward: Callable[[nn.Module, Tensor], object] | None = None,
-                          reduce: Callable[[Tensor], Tensor] | None = None) -> int:
+def reestimate_statistics(
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    batches: Iterable,
+    *,
+    variance: str = "population",
+    forward: Callable[[nn.Module, Tensor], object] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> int:
     """Set ``running_mean`` (where the layer has one) and ``running_var`` of each of ``layers`` (modules of
     ``model`` with ``per_gpu_batch`` and ``norm_name``) from ``batches`` (tensors, or tuples/lists whose first
     element is the input), as ``variance`` says (see the module docstring). ``forward(model, x)`` runs one batch
@@ -122,8 +136,9 @@ def reestimate_statistics(model: nn.Module, layers: Sequence[nn.Module], batches
         raise NormConfigError("reestimate: got 0 batches; pass at least one training batch")
     for i, layer in enumerate(layers):
         if acc[i] is None:
-            raise NormConfigError(f"reestimate: a {layer.norm_name} layer saw no input; is it used in the "
-                                  f"model's forward?")
+            raise NormConfigError(
+                f"reestimate: a {layer.norm_name} layer saw no input; is it used in the model's forward?"
+            )
         rows = reduce(acc[i]) if reduce is not None else acc[i]
         mean, var = _finalize(rows, variance)
         if getattr(layer, "running_mean", None) is not None:

@@ -64,8 +64,18 @@ def _pooled(m: Tensor, v: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return mp, v.mean(dim, keepdim=True) + (m - mp).square().mean(dim, keepdim=True)
 
 
-def _sn_coeffs(m_in: Tensor, v_in: Tensor, mean_logits: Tensor, var_logits: Tensor, weight: Tensor,
-               bias: Tensor, bn_mean: Tensor | None, bn_var: Tensor | None, k: int, eps: float):
+def _sn_coeffs(
+    m_in: Tensor,
+    v_in: Tensor,
+    mean_logits: Tensor,
+    var_logits: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+    k: int,
+    eps: float,
+):
     """(A, B) of y = x*A + B from IN statistics (N, C, 1, 1); bn_mean/var given = eval (running) stats."""
     N, C = m_in.shape[:2]
     m_ln, v_ln = _pooled(m_in, v_in, 1)
@@ -106,11 +116,20 @@ class SwitchableNorm2d(NormLayer, nn.Module):
         if use_bn and per_gpu_batch == 1:
             raise NormConfigError(
                 f"{cls.norm_name}: use_bn=true with per_gpu_batch=1 makes the BN statistics equal IN's (one image per "
-                f"GPU); set use_bn=false (the SN paper mixes IN and LN only at 1 image/GPU)")
+                f"GPU); set use_bn=false (the SN paper mixes IN and LN only at 1 image/GPU)"
+            )
 
-    def __init__(self, num_channels: int, per_gpu_batch: int | None = None, use_bn: bool = True,
-                 inference: str = "moving_average", momentum: float = 0.1, eps: float = 1e-5,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_channels: int,
+        per_gpu_batch: int | None = None,
+        use_bn: bool = True,
+        inference: str = "moving_average",
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self._check(per_gpu_batch, use_bn, inference, momentum, eps)
         fk = init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype)
@@ -121,8 +140,10 @@ class SwitchableNorm2d(NormLayer, nn.Module):
         self._stale_batch_average = False  # trained since the last reestimate_batch_average
 
     def extra_repr(self) -> str:
-        return (f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, use_bn={self.use_bn}, "
-                f"inference={self.inference!r}, momentum={self.momentum}, eps={self.eps}")
+        return (
+            f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, use_bn={self.use_bn}, "
+            f"inference={self.inference!r}, momentum={self.momentum}, eps={self.eps}"
+        )
 
     def importance(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -140,27 +161,36 @@ class SwitchableNorm2d(NormLayer, nn.Module):
         k = 0
         if self.use_bn:
             if self.training:
-                k, n, m = split_gpus(self.norm_name, x, self.per_gpu_batch,
-                                     fix="set use_bn=false or use more images per GPU")
+                k, n, m = split_gpus(
+                    self.norm_name, x, self.per_gpu_batch, fix="set use_bn=false or use more images per GPU"
+                )
                 self._update_running(m_in, v_in, k, n, m)
             else:
                 if self.inference == "batch_average" and self._stale_batch_average:
-                    warnings.warn("sn: inference='batch_average' but the BN-part statistics were not re-estimated "
-                                  "since the last training step; call normbench.norms.reestimate_batch_average "
-                                  "before eval", stacklevel=2)
+                    warnings.warn(
+                        "sn: inference='batch_average' but the BN-part statistics were not re-estimated "
+                        "since the last training step; call normbench.norms.reestimate_batch_average "
+                        "before eval",
+                        stacklevel=2,
+                    )
                     self._stale_batch_average = False
                 bn_mean, bn_var = self.running_mean, self.running_var
         eps = self.eps
         if bn_mean is not None:
+
             def coeffs(mi, vi, lm, lv, w, b, bm, bv):
                 return _sn_coeffs(mi, vi, lm, lv, w, b, bm, bv, 0, eps)
+
             extra = (bn_mean, bn_var)
         else:
+
             def coeffs(mi, vi, lm, lv, w, b):
                 return _sn_coeffs(mi, vi, lm, lv, w, b, None, None, k, eps)
+
             extra = ()
-        return stats_affine(x, m_in, v_in, coeffs, self.mean_weight, self.var_weight, self.weight, self.bias,
-                            *extra, centered=scratch)
+        return stats_affine(
+            x, m_in, v_in, coeffs, self.mean_weight, self.var_weight, self.weight, self.bias, *extra, centered=scratch
+        )
 
     @torch.no_grad()
     def _update_running(self, m_in: Tensor, v_in: Tensor, k: int, n: int, m: int) -> None:
@@ -194,8 +224,9 @@ def reestimate_batch_average(model: nn.Module, batches: Iterable, reduce=None) -
     """
     from .reestimate import reestimate_statistics
 
-    layers = [m for m in model.modules() if isinstance(m, SwitchableNorm2d)
-              and m.use_bn and m.inference == "batch_average"]
+    layers = [
+        m for m in model.modules() if isinstance(m, SwitchableNorm2d) and m.use_bn and m.inference == "batch_average"
+    ]
     if not layers:
         return
     try:

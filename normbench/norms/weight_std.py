@@ -40,10 +40,20 @@ class WSConv2d(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ws_eps: float = 1e-5) -> WSConv2d:
         """A WSConv2d with the same configuration and (raw) weights as ``conv``."""
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                  padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
-                  ws_eps=ws_eps)
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            ws_eps=ws_eps,
+        )
         with torch.no_grad():
             new.weight.copy_(conv.weight)
             if conv.bias is not None:
@@ -59,4 +69,3 @@ def convert_to_ws(module: nn.Module, ws_eps: float = 1e-5) -> nn.Module:
         else:
             convert_to_ws(child, ws_eps)
     return module
-

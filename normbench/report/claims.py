@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -27,7 +26,12 @@ from .collect import Collection, Stat, run_importance
 from .layouts import SN_PAPER_BN_SHARE, CellKey, Layout
 
 HOLDS, FAILS, INCONCLUSIVE, ONE_SEED, BY_CONSTRUCTION = (
-    "holds", "does not hold", "inconclusive", "inconclusive (n=1)", "by construction")
+    "holds",
+    "does not hold",
+    "inconclusive",
+    "inconclusive (n=1)",
+    "by construction",
+)
 
 # kind -> the fields it needs besides kind and text
 KINDS = {
@@ -47,7 +51,7 @@ KINDS = {
 class Comparison:
     label: str  # what the quantity is, e.g. "BN@2 - BN@32"
     value: float
-    se: Optional[float]  # None: a cell with one seed
+    se: float | None  # None: a cell with one seed
     sense: str  # ">" or "<": the claim is value > bound or value < bound
     bound: float
 
@@ -79,7 +83,7 @@ class Judged:
     paper: str  # the paper's comparisons and its verdict
 
 
-def load_claims(experiment: str, config_dir: Optional[Path] = None) -> list[dict]:
+def load_claims(experiment: str, config_dir: Path | None = None) -> list[dict]:
     """The ``claims:`` list of configs/experiment/EXPERIMENT.yaml ([] when it has none)."""
     if config_dir is None:
         from normbench.train import CONFIG_DIR as config_dir
@@ -103,8 +107,10 @@ def validate(layout: Layout, claims: list[dict]) -> None:
             raise ValueError(f"{where} ({claim['kind']}): missing {', '.join(missing)}")
         for key in _cells_named(claim):
             if key[0] not in layout.row_keys or key[1] not in layout.col_keys:
-                raise ValueError(f"{where}: cell {list(key)} is not in the {layout.name} layout (rows "
-                                 f"{', '.join(layout.row_keys)}; columns {', '.join(layout.col_keys)})")
+                raise ValueError(
+                    f"{where}: cell {list(key)} is not in the {layout.name} layout (rows "
+                    f"{', '.join(layout.row_keys)}; columns {', '.join(layout.col_keys)})"
+                )
 
 
 def _cell(ref) -> CellKey:
@@ -172,21 +178,22 @@ class _Values:
         st = self.stats.get(key)
         return key[1] in self.cols and st is not None and st.n > 0
 
-    def se(self, *keys: CellKey) -> Optional[float]:
+    def se(self, *keys: CellKey) -> float | None:
         if self.exact:
             return 0.0
         stats = [self.get(k) for k in keys]
         if any(st.n < 2 for st in stats):
             return None
-        return math.sqrt(sum(st.std ** 2 / st.n for st in stats))
+        return math.sqrt(sum(st.std**2 / st.n for st in stats))
 
     def diff(self, a: CellKey, b: CellKey, sense: str = ">", bound: float = 0.0) -> Comparison:
         """Comparison on mean(a) - mean(b)."""
-        return Comparison(f"{self.label(a)} - {self.label(b)}", self.get(a).mean - self.get(b).mean,
-                          self.se(a, b), sense, bound)
+        return Comparison(
+            f"{self.label(a)} - {self.label(b)}", self.get(a).mean - self.get(b).mean, self.se(a, b), sense, bound
+        )
 
 
-def _comparisons(claim: dict, v: _Values, importance: Optional[dict[str, list[float]]]) -> list[Comparison]:
+def _comparisons(claim: dict, v: _Values, importance: dict[str, list[float]] | None) -> list[Comparison]:
     kind = claim["kind"]
     if kind == "rises":
         row = claim["row"]
@@ -202,8 +209,15 @@ def _comparisons(claim: dict, v: _Values, importance: Optional[dict[str, list[fl
         keys = [(row, c) for c in cols]
         means = [v.get(k).mean for k in keys]
         hi, lo = keys[means.index(max(means))], keys[means.index(min(means))]
-        return [Comparison(f"{v.layout.row_label(row)} max - min", max(means) - min(means), v.se(hi, lo),
-                           "<", float(claim["threshold"]))]
+        return [
+            Comparison(
+                f"{v.layout.row_label(row)} max - min",
+                max(means) - min(means),
+                v.se(hi, lo),
+                "<",
+                float(claim["threshold"]),
+            )
+        ]
     if kind == "at_most_better":  # than - better < threshold
         return [v.diff(_cell(claim["than"]), _cell(claim["better"]), "<", float(claim["threshold"]))]
     if kind == "worse_than_best":
@@ -215,8 +229,9 @@ def _comparisons(claim: dict, v: _Values, importance: Optional[dict[str, list[fl
         return [v.diff(cell, best)]
     if kind == "at_least_as_good":  # error(other) - error(row) > -tolerance
         tol = float(claim.get("tolerance", 0.0))
-        return [v.diff((other, str(c)), (claim["row"], str(c)), ">", -tol)
-                for c in claim["cols"] for other in claim["than"]]
+        return [
+            v.diff((other, str(c)), (claim["row"], str(c)), ">", -tol) for c in claim["cols"] for other in claim["than"]
+        ]
     if kind == "rise_largest":
         lo, hi = str(claim["from"]), str(claim["to"])
         out = []
@@ -224,8 +239,10 @@ def _comparisons(claim: dict, v: _Values, importance: Optional[dict[str, list[fl
         for other in claim["others"]:
             keys = [(row, hi), (row, lo), (other, hi), (other, lo)]
             value = (v.get(keys[0]).mean - v.get(keys[1]).mean) - (v.get(keys[2]).mean - v.get(keys[3]).mean)
-            label = (f"rise of {v.layout.row_label(row)} - rise of {v.layout.row_label(other)} "
-                     f"({v.layout.col_label(lo)} to {v.layout.col_label(hi)})")
+            label = (
+                f"rise of {v.layout.row_label(row)} - rise of {v.layout.row_label(other)} "
+                f"({v.layout.col_label(lo)} to {v.layout.col_label(hi)})"
+            )
             out.append(Comparison(label, value, v.se(*keys), ">", 0.0))
         return out
     if kind == "share_falls":
@@ -235,7 +252,7 @@ def _comparisons(claim: dict, v: _Values, importance: Optional[dict[str, list[fl
         sa, sb = Stat(tuple(importance.get(a, ()))), Stat(tuple(importance.get(b, ())))
         if not (sa.n and sb.n):
             raise _NotJudged(f"no SN importance at {a if not sa.n else b}")
-        se = 0.0 if v.exact else (None if min(sa.n, sb.n) < 2 else math.sqrt(sa.std ** 2 / sa.n + sb.std ** 2 / sb.n))
+        se = 0.0 if v.exact else (None if min(sa.n, sb.n) < 2 else math.sqrt(sa.std**2 / sa.n + sb.std**2 / sb.n))
         return [Comparison(f"SN BN share {a} - {b}", sa.mean - sb.mean, se, ">", 0.0)]
     raise ValueError(f"unknown claim kind {kind!r}")  # validate() catches it first
 
@@ -248,7 +265,7 @@ def _combine(verdicts: list[str]) -> str:
     return ONE_SEED if ONE_SEED in verdicts else INCONCLUSIVE
 
 
-def _by_construction(claim: dict, layout: Layout, coll: Collection, cols) -> Optional[str]:
+def _by_construction(claim: dict, layout: Layout, coll: Collection, cols) -> str | None:
     """Why a flat_within claim cannot fail on these runs, or None."""
     if claim["kind"] != "flat_within":
         return None
@@ -262,8 +279,10 @@ def _by_construction(claim: dict, layout: Layout, coll: Collection, cols) -> Opt
     totals = {(r.data.get("gpus") or 0) * (r.data.get("per_gpu_batch") or 0) for r in runs}
     if len(totals) != 1:
         return None
-    return (f"{layout.row_label(row)} never looks across images and every column trains on the same "
-            f"{totals.pop()} images per step, so the columns compute the same run")
+    return (
+        f"{layout.row_label(row)} never looks across images and every column trains on the same "
+        f"{totals.pop()} images per step, so the columns compute the same run"
+    )
 
 
 def _importance_shares(coll: Collection) -> dict[str, list[float]]:
@@ -302,4 +321,3 @@ def judge(layout: Layout, coll: Collection, claims: list[dict], cols_in_play) ->
         p_verdict, p_numbers = _judge_side(claim, paper, paper_importance)
         out.append(Judged(str(claim["text"]).strip(), verdict, numbers, f"{p_numbers} ({p_verdict})"))
     return out
-

@@ -8,7 +8,6 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from normbench.runs import identifying_config
 
@@ -37,11 +36,11 @@ class Run:
         return self.data.get("seed")
 
     @property
-    def top1_error_median_last5(self) -> Optional[float]:
+    def top1_error_median_last5(self) -> float | None:
         """The table's metric (the GN paper's: median top-1 error % of the last 5 epochs), if finite."""
         return _finite(self.data.get(METRIC_FIELD))
 
-    def top1_error_by_eval(self, mode: str) -> Optional[float]:
+    def top1_error_by_eval(self, mode: str) -> float | None:
         """Final-model top-1 error % under one BN evaluation mode (EVAL_MODES); None for runs without it."""
         by_eval = self.data.get("top1_error_by_eval")
         return _finite(by_eval.get(mode)) if isinstance(by_eval, dict) else None
@@ -57,7 +56,7 @@ class Run:
         return str(self.data.get("run_dir") or self.data.get("run_id") or self.path)
 
 
-def _finite(v) -> Optional[float]:
+def _finite(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
@@ -74,7 +73,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 _ABSENT = object()
 
 
-def first_difference(a: dict, b: dict) -> Optional[str]:
+def first_difference(a: dict, b: dict) -> str | None:
     """The first dotted key (in sorted order) on which two flattened settings differ, or None."""
     for key in sorted(set(a) | set(b)):
         if a.get(key, _ABSENT) != b.get(key, _ABSENT):
@@ -97,11 +96,11 @@ class Stat:
         return len(self.values)
 
     @property
-    def mean(self) -> Optional[float]:
+    def mean(self) -> float | None:
         return statistics.fmean(self.values) if self.values else None
 
     @property
-    def std(self) -> Optional[float]:
+    def std(self) -> float | None:
         return statistics.stdev(self.values) if len(self.values) >= 2 else None
 
 
@@ -148,11 +147,11 @@ class Cell:
         return len(self.completed)
 
     @property
-    def mean(self) -> Optional[float]:
+    def mean(self) -> float | None:
         return statistics.fmean(self.values) if self.values else None
 
     @property
-    def std(self) -> Optional[float]:
+    def std(self) -> float | None:
         """Sample standard deviation over seeds; None with fewer than two seeds."""
         return statistics.stdev(self.values) if len(self.values) >= 2 else None
 
@@ -182,7 +181,7 @@ def load_runs(results_dir: Path, experiment: str, notes: list[str]) -> list[Run]
     return runs
 
 
-def select_model_data(runs: list[Run], experiment: str, model: Optional[str], data: Optional[str]) -> list[Run]:
+def select_model_data(runs: list[Run], experiment: str, model: str | None, data: str | None) -> list[Run]:
     """Keep the runs of one (model, data) pair; refuse to mix several."""
     if model is not None:
         runs = [r for r in runs if r.data.get("model") == model]
@@ -219,8 +218,10 @@ def collect(layout: Layout, runs: list[Run], notes: list[str]) -> Collection:
         if r.data.get("status") not in STATUSES:
             notes.append(f"Run `{r.label()}` has status {r.data.get('status')!r}; counted as failed.")
         elif r.data.get("status") == "completed" and r.top1_error_median_last5 is None:
-            notes.append(f"Run `{r.label()}` is completed but has no finite {METRIC_FIELD}; "
-                         "left out of the means (not counted as a seed).")
+            notes.append(
+                f"Run `{r.label()}` is completed but has no finite {METRIC_FIELD}; "
+                "left out of the means (not counted as a seed)."
+            )
 
     cells = {(row, col): Cell(row, col, metric=layout.metric) for row in layout.row_keys for col in layout.col_keys}
     unmatched: list[Run] = []
@@ -255,9 +256,11 @@ def collect(layout: Layout, runs: list[Run], notes: list[str]) -> Collection:
     placed = [r for c in cells.values() for r in c.runs]
     epochs = Counter(r.data.get("epochs") for r in placed)
     if len(epochs) > 1:
-        notes.append("Runs in the table were trained for different epochs: "
-                     + ", ".join(f"{e} ({k} runs)" for e, k in sorted(epochs.items(), key=str))
-                     + "; cells may not be comparable.")
+        notes.append(
+            "Runs in the table were trained for different epochs: "
+            + ", ".join(f"{e} ({k} runs)" for e, k in sorted(epochs.items(), key=str))
+            + "; cells may not be comparable."
+        )
     return Collection(runs=placed, cells=cells, unmatched=unmatched, notes=notes, superseded=superseded)
 
 
@@ -277,10 +280,11 @@ def _refuse_mixed_settings(layout: Layout, per_seed: dict[tuple, list[Run]]) -> 
                     f"{layout.name}: cell {layout.row_label(key[0])} @ {key[1]} has runs whose settings differ in "
                     f"{diff} ({_shown(first, diff)} in `{rs[0].label()}`, {_shown(other.setting(), diff)} in "
                     f"`{other.label()}`); a cell averages seeds of one setting: move or delete the runs of the "
-                    "other setting, or give them their own results_dir")
+                    "other setting, or give them their own results_dir"
+                )
 
 
-def run_importance(run: Run) -> Optional[dict[str, dict[str, float]]]:
+def run_importance(run: Run) -> dict[str, dict[str, float]] | None:
     """Layer-averaged SN importance shares of one run: {"mean": {in, ln, bn}, "var": {...}}.
 
     A share missing from a layer (e.g. ``bn`` when SN ran with use_bn=false) counts as 0.
@@ -307,10 +311,10 @@ class ImportanceCell:
     def n(self) -> int:
         return len(self.per_run)
 
-    def mean(self, kind: str, share: str) -> Optional[float]:
+    def mean(self, kind: str, share: str) -> float | None:
         return statistics.fmean(r[kind][share] for r in self.per_run) if self.per_run else None
 
-    def std(self, kind: str, share: str) -> Optional[float]:
+    def std(self, kind: str, share: str) -> float | None:
         vals = [r[kind][share] for r in self.per_run]
         return statistics.stdev(vals) if len(vals) >= 2 else None
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import statistics
-from typing import Optional
 
 import matplotlib.style
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -43,11 +42,26 @@ def _lines(ax, layout: Layout, coll: Collection, xs, ylabel: str):
     for i, (row, label) in enumerate(layout.rows):
         color = COLORS[i % len(COLORS)]
         means, stds, paper, bad = _series(layout, coll, row)
-        ax.errorbar(xs, _nan(means), yerr=stds, color=color, marker="o", linestyle="-", capsize=3,
-                    label=f"{label} (reproduced, mean ± std)")
+        ax.errorbar(
+            xs,
+            _nan(means),
+            yerr=stds,
+            color=color,
+            marker="o",
+            linestyle="-",
+            capsize=3,
+            label=f"{label} (reproduced, mean ± std)",
+        )
         if any(p is not None for p in paper):
-            ax.plot(xs, _nan(paper), color=color, marker="s", markerfacecolor="none", linestyle="--",
-                    label=f"{label} (paper)")
+            ax.plot(
+                xs,
+                _nan(paper),
+                color=color,
+                marker="s",
+                markerfacecolor="none",
+                linestyle="--",
+                label=f"{label} (paper)",
+            )
         for x, b in zip(xs, bad):
             if b:  # diverged/failed with no completed seed: an x at the top of the axes
                 ax.plot([x], [0.97], marker="x", color=color, markersize=9, transform=top, clip_on=False)
@@ -63,15 +77,29 @@ def _importance(ax, layout: Layout, imp: dict[str, ImportanceCell]):
         bottom = [0.0] * n
         for share in ("bn", "ln", "in"):
             vals = [imp[c].mean(kind, share) or 0.0 for c in layout.col_keys]
-            ax.bar(xs, vals, width=width * 0.95, bottom=bottom, color=SHARE_COLORS[share],
-                   alpha=1.0 if kind == "mean" else 0.55, edgecolor="black", linewidth=0.4,
-                   label=f"{share.upper()} ({'means' if kind == 'mean' else 'variances'})")
+            ax.bar(
+                xs,
+                vals,
+                width=width * 0.95,
+                bottom=bottom,
+                color=SHARE_COLORS[share],
+                alpha=1.0 if kind == "mean" else 0.55,
+                edgecolor="black",
+                linewidth=0.4,
+                label=f"{share.upper()} ({'means' if kind == 'mean' else 'variances'})",
+            )
             bottom = [b + v for b, v in zip(bottom, vals)]
     first = True
     for i, c in enumerate(layout.col_keys):
         if c in SN_PAPER_BN_SHARE:
-            ax.plot([i - width, i + width], [SN_PAPER_BN_SHARE[c]] * 2, color="black", linestyle="--", linewidth=2,
-                    label="paper BN share (chart)" if first else None)
+            ax.plot(
+                [i - width, i + width],
+                [SN_PAPER_BN_SHARE[c]] * 2,
+                color="black",
+                linestyle="--",
+                linewidth=2,
+                label="paper BN share (chart)" if first else None,
+            )
             first = False
         if imp[c].n == 0:
             ax.text(i, 0.5, "no SN\nrun", ha="center", va="center", fontsize=7, color="gray")
@@ -98,8 +126,15 @@ def _relative_lines(ax, layout: Layout, coll: Collection, xs):
         means, _, paper, _ = _series(layout, coll, row)
         ax.plot(xs, _relative(means, lowest), color=color, marker="o", linestyle="-", label=f"{label} (reproduced)")
         if any(p is not None for p in paper):
-            ax.plot(xs, _relative(paper, lowest), color=color, marker="s", markerfacecolor="none", linestyle="--",
-                    label=f"{label} (paper)")
+            ax.plot(
+                xs,
+                _relative(paper, lowest),
+                color=color,
+                marker="s",
+                markerfacecolor="none",
+                linestyle="--",
+                label=f"{label} (paper)",
+            )
     ax.axhline(0.0, color="gray", linewidth=0.8)
     ax.set_ylabel(f"{layout.metric} minus own best (points)")
     ax.grid(True, alpha=0.3)
@@ -128,7 +163,7 @@ def training_curves(layout: Layout, coll: Collection) -> dict[str, dict[str, lis
     """Per column (norm), the mean over completed seeds of each epoch's train_loss and top1_error
     (metrics.jsonl beside each result.json): {col: {"epoch": [...], "train_loss": [...], "top1_error": [...]}}."""
     out = {}
-    for (row, col), cell in sorted(coll.cells.items()):
+    for (_row, col), cell in sorted(coll.cells.items()):
         per_epoch: dict[int, dict[str, list[float]]] = {}
         for run in cell.completed:
             for m in read_metrics(run.path.parent / "metrics.jsonl"):
@@ -140,7 +175,8 @@ def training_curves(layout: Layout, coll: Collection) -> dict[str, dict[str, lis
             epochs = sorted(per_epoch)
             out[col] = {"epoch": [float(e) for e in epochs]} | {
                 key: [statistics.fmean(per_epoch[e][key]) if per_epoch[e][key] else float("nan") for e in epochs]
-                for key in ("train_loss", "top1_error")}
+                for key in ("train_loss", "top1_error")
+            }
     return out
 
 
@@ -162,8 +198,13 @@ def _curves(ax_loss, ax_err, layout: Layout, curves: dict[str, dict[str, list[fl
             ax.text(0.5, 0.5, "no metrics.jsonl", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def render_png(layout: Layout, coll: Collection, title: str, imp: Optional[dict[str, ImportanceCell]] = None,
-               curves: Optional[dict[str, dict[str, list[float]]]] = None) -> bytes:
+def render_png(
+    layout: Layout,
+    coll: Collection,
+    title: str,
+    imp: dict[str, ImportanceCell] | None = None,
+    curves: dict[str, dict[str, list[float]]] | None = None,
+) -> bytes:
     with matplotlib.style.context("default"):
         return _render(layout, coll, title, imp, curves)
 
@@ -187,7 +228,7 @@ def _render(layout: Layout, coll: Collection, title: str, imp, curves) -> bytes:
         _lines(ax, layout, coll, xs, ylabel)
         _relative_lines(ax_rel, layout, coll, xs)
         lo, hi = min(xs), max(xs)
-        pad = 2 ** 0.3
+        pad = 2**0.3
         for a in (ax, ax_rel):
             a.set_xscale("log", base=2)
             a.set_xticks(xs, [layout.col_label(c) for c in layout.col_keys])
@@ -206,14 +247,37 @@ def _render(layout: Layout, coll: Collection, title: str, imp, curves) -> bytes:
         w = 0.38
         for row, _ in layout.rows:
             means, stds, paper, bad = _series(layout, coll, row)
-            ax.bar([x - w / 2 for x in xs], [m or 0.0 for m in means], width=w, yerr=stds, capsize=3,
-                   color="tab:blue", label="reproduced (mean ± std)")
-            ax.bar([x + w / 2 for x in xs], [p or 0.0 for p in paper], width=w, color="none",
-                   edgecolor="tab:gray", hatch="//", linestyle="--", label="paper")
+            ax.bar(
+                [x - w / 2 for x in xs],
+                [m or 0.0 for m in means],
+                width=w,
+                yerr=stds,
+                capsize=3,
+                color="tab:blue",
+                label="reproduced (mean ± std)",
+            )
+            ax.bar(
+                [x + w / 2 for x in xs],
+                [p or 0.0 for p in paper],
+                width=w,
+                color="none",
+                edgecolor="tab:gray",
+                hatch="//",
+                linestyle="--",
+                label="paper",
+            )
             for x, m, b in zip(xs, means, bad):
                 if m is None:
-                    ax.text(x - w / 2, 0.5, "diverged/failed" if b else "missing", rotation=90,
-                            ha="center", va="bottom", fontsize=8, color="gray")
+                    ax.text(
+                        x - w / 2,
+                        0.5,
+                        "diverged/failed" if b else "missing",
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        fontsize=8,
+                        color="gray",
+                    )
         ax.set_xticks(xs, [layout.col_label(c) for c in layout.col_keys])
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
@@ -222,8 +286,10 @@ def _render(layout: Layout, coll: Collection, title: str, imp, curves) -> bytes:
         raise ValueError(f"unknown figure kind {layout.figure!r}")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    ax_rel.set_title("trends compared directly: each series relative to " +
-                     ("BN" if layout.figure == "bars" else "its own best"), fontsize=10)
+    ax_rel.set_title(
+        "trends compared directly: each series relative to " + ("BN" if layout.figure == "bars" else "its own best"),
+        fontsize=10,
+    )
 
     if ax_loss is not None:
         _curves(ax_loss, ax_err, layout, curves)

@@ -7,13 +7,13 @@ Runs of the experiment that fit no cell are reported as "outside the layout", ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from normbench import papers
 
 CellKey = tuple[str, str]  # (row key, column key)
-Values = dict[CellKey, Optional[float]]
+Values = dict[CellKey, float | None]
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Derived:
     key: str  # CSV row name
     label: str  # Markdown row label
     csv_metric: str
-    fn: Callable[[Values, tuple[str, ...]], dict[str, Optional[float]]]
+    fn: Callable[[Values, tuple[str, ...]], dict[str, float | None]]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Layout:
     col_header: str
     rows: tuple[tuple[str, str], ...]  # (key, label)
     cols: tuple[tuple[str, str], ...]  # (key, label)
-    cell_of: Callable[[dict], Optional[CellKey]]
+    cell_of: Callable[[dict], CellKey | None]
     layout_note: str  # which runs land in the table, in words
     paper: Values
     paper_source: str
@@ -61,13 +61,13 @@ class Layout:
     x_label: str = ""
     x_decreasing: bool = True
     importance: bool = False
-    checks: Callable[[dict, CellKey], Optional[str]] | None = None  # per-run sanity warning
+    checks: Callable[[dict, CellKey], str | None] | None = None  # per-run sanity warning
     # The sweep axis the columns are drawn from, as named in the runs' config.sweep.allowed (presets restrict
     # it, e.g. G <= 16 for 16-channel models): excluded columns are "not run (preset)", not missing.
-    sweep_axis: Optional[str] = None
+    sweep_axis: str | None = None
     # (large, small) per-GPU-batch columns between which BN's rise is measured under each evaluation mode
     # (result.json["top1_error_by_eval"]); None: the table has no BN-evaluation section.
-    bn_eval: Optional[tuple[str, str]] = None
+    bn_eval: tuple[str, str] | None = None
 
     @property
     def row_keys(self) -> tuple[str, ...]:
@@ -93,19 +93,20 @@ def _opt(result: dict, name: str):
     return opts.get(name)
 
 
-def _row_values(values: Values, row: str, cols) -> Optional[list[float]]:
+def _row_values(values: Values, row: str, cols) -> list[float] | None:
     """All values of a row, or None if any is missing."""
     out = [values.get((row, c)) for c in cols]
     return None if any(v is None for v in out) else out
 
 
-def _diff(values: Values, a: CellKey, b: CellKey) -> Optional[float]:
+def _diff(values: Values, a: CellKey, b: CellKey) -> float | None:
     va, vb = values.get(a), values.get(b)
     return None if va is None or vb is None else va - vb
 
 
 def _d(a: CellKey, b: CellKey):
     """values[a] - values[b], when both columns are in play."""
+
     def fn(values: Values, cols):
         return _diff(values, a, b) if a[1] in cols and b[1] in cols else None
 
@@ -140,7 +141,7 @@ def _minus_best_at(row: str, col: str):
 
 
 def _minus_best(row: str):
-    def fn(values: Values, cols) -> dict[str, Optional[float]]:
+    def fn(values: Values, cols) -> dict[str, float | None]:
         present = [values.get((row, c)) for c in cols if values.get((row, c)) is not None]
         if not present:
             return {c: None for c in cols}
@@ -154,14 +155,14 @@ def _minus_best(row: str):
 # gn_table1
 
 
-def _t1_cell(r: dict) -> Optional[CellKey]:
+def _t1_cell(r: dict) -> CellKey | None:
     # GN tables have one GPU count (8 in the paper); a small preset may emulate fewer -- the report says which.
     if r.get("per_gpu_batch") == 32 and r.get("norm") in ("bn", "ln", "in", "gn"):
         return ("error", r["norm"])
     return None
 
 
-def _t1_vs_bn(values: Values, cols) -> dict[str, Optional[float]]:
+def _t1_vs_bn(values: Values, cols) -> dict[str, float | None]:
     return {c: _diff(values, ("error", c), ("error", "bn")) for c in cols}
 
 
@@ -203,14 +204,14 @@ _T2 = papers.GN_TABLE2
 _T2_COLS = tuple(str(b) for b in _T2["batches"])
 
 
-def _t2_cell(r: dict) -> Optional[CellKey]:
+def _t2_cell(r: dict) -> CellKey | None:
     b = r.get("per_gpu_batch")
     if r.get("norm") in ("bn", "gn") and str(b) in _T2_COLS and isinstance(b, int):
         return (r["norm"], str(b))
     return None
 
 
-def _t2_bn_minus_gn(values: Values, cols) -> dict[str, Optional[float]]:
+def _t2_bn_minus_gn(values: Values, cols) -> dict[str, float | None]:
     return {c: _diff(values, ("bn", c), ("gn", c)) for c in cols}
 
 
@@ -250,7 +251,7 @@ _T3_KEYS = ("64", "32", "16", "8", "4", "2", "1")
 
 
 def _t3_cell(option: str, other: str):
-    def cell_of(r: dict) -> Optional[CellKey]:
+    def cell_of(r: dict) -> CellKey | None:
         if r.get("norm") != "gn" or r.get("per_gpu_batch") != 32:
             return None
         v, o = _opt(r, option), _opt(r, other)
@@ -261,8 +262,17 @@ def _t3_cell(option: str, other: str):
     return cell_of
 
 
-def _table3_layout(name: str, option: str, other: str, title: str, what: str, short: str, end_label: str,
-                   end_trend: str, paper_table: dict) -> Layout:
+def _table3_layout(
+    name: str,
+    option: str,
+    other: str,
+    title: str,
+    what: str,
+    short: str,
+    end_label: str,
+    end_trend: str,
+    paper_table: dict,
+) -> Layout:
     """GN Table 3, either half: GN at 32 images/GPU over `option` (groups or channels per group), 64 .. 1,
     where the value 1 is `end_label` (LN for groups, IN for channels per group)."""
     return Layout(
@@ -293,10 +303,18 @@ def _table3_layout(name: str, option: str, other: str, title: str, what: str, sh
     )
 
 
-GN_GROUPS = _table3_layout("gn_groups", "groups", "channels_per_group", "top", "groups G", "G",
-                           "LN", "LN (G=1)", _T3G)
-GN_CHANNELS = _table3_layout("gn_channels_per_group", "channels_per_group", "groups", "bottom",
-                             "channels per group", "channels per group", "IN", "IN (1 channel/group)", _T3C)
+GN_GROUPS = _table3_layout("gn_groups", "groups", "channels_per_group", "top", "groups G", "G", "LN", "LN (G=1)", _T3G)
+GN_CHANNELS = _table3_layout(
+    "gn_channels_per_group",
+    "channels_per_group",
+    "groups",
+    "bottom",
+    "channels per group",
+    "channels per group",
+    "IN",
+    "IN (1 channel/group)",
+    _T3C,
+)
 
 # --------------------------------------------------------------------------------------------------
 # sn_table
@@ -311,7 +329,7 @@ def sn_col(setting: tuple[int, int]) -> str:
 _SN_COLS = tuple(sn_col(s) for s in _SN["settings"])
 
 
-def _sn_cell(r: dict) -> Optional[CellKey]:
+def _sn_cell(r: dict) -> CellKey | None:
     if r.get("norm") not in ("bn", "gn", "sn"):
         return None
     g, b = r.get("gpus"), r.get("per_gpu_batch")
@@ -320,7 +338,7 @@ def _sn_cell(r: dict) -> Optional[CellKey]:
     return (r["norm"], sn_col((g, b)))
 
 
-def _sn_check(r: dict, cell: CellKey) -> Optional[str]:
+def _sn_check(r: dict, cell: CellKey) -> str | None:
     if cell == ("sn", "(8,1)") and _opt(r, "use_bn") is not False:
         return "SN at (8,1) should run with norm_options.use_bn=false (BN equals IN at one image per GPU)"
     return None
@@ -373,7 +391,7 @@ SN_TABLE = Layout(
 _PONO_COLS = ("32", "2")
 
 
-def _pono_cell(r: dict) -> Optional[CellKey]:
+def _pono_cell(r: dict) -> CellKey | None:
     b = r.get("per_gpu_batch")
     if r.get("norm") in ("bn", "gn", "gn+pono_ms") and isinstance(b, int) and str(b) in _PONO_COLS:
         return (r["norm"], str(b))
@@ -389,11 +407,10 @@ PONO_MS = Layout(
     rows=(("bn", "BN"), ("gn", "GN"), ("gn+pono_ms", "GN + PONO-MS")),
     cols=tuple((c, c) for c in _PONO_COLS),
     cell_of=_pono_cell,
-    layout_note="runs with norm in {bn, gn, gn+pono_ms}, per_gpu_batch in {32, 2}; row = norm, column = "
-                "per_gpu_batch",
+    layout_note="runs with norm in {bn, gn, gn+pono_ms}, per_gpu_batch in {32, 2}; row = norm, column = per_gpu_batch",
     paper={},
     paper_source="none: neither the GN nor the SN paper reports PONO-MS in ResNet blocks (the PONO paper "
-                 "studies it in generative models)",
+    "studies it in generative models)",
     paper_caveat="",
     trends=(
         Trend("PONO-MS - GN at 32 images/GPU", _d(("gn+pono_ms", "32"), ("gn", "32")), "signed"),
