@@ -210,3 +210,16 @@ def test_every_norm_config_trains_through_the_pipeline(tmp_path, norm):
     if norm == "sn":
         weights = next(iter(result["sn_importance"].values()))
         assert sum(weights["mean"].values()) == pytest.approx(1.0)
+
+
+def test_compiled_training_matches_eager_within_float_error(tmp_path):
+    # torch.compile (inductor, C++ on the CPU) must train the same run: same directory, same numbers up to
+    # float reassociation
+    eager = _run(tmp_path / "eager", "epochs=1", "model.width=8")
+    compiled = _run(tmp_path / "compiled", "epochs=1", "model.width=8", "fast.compile=true")
+    assert compiled["status"] == "completed" and compiled["run_id"] == eager["run_id"]
+    (a,), (b,) = _run_dirs(tmp_path / "eager"), _run_dirs(tmp_path / "compiled")
+    assert json.loads((b / "env.json").read_text())["fast"]["compile"] is True
+    wa, wb = _weights(a), _weights(b)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-4, msg=key)
