@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from normbench.data import DataBundle, DataError, build_data
 from normbench.data import fashion_mnist as fm
-from normbench.data.device_loader import build_device_loaders, crop_flip, draw_augment_params
+from normbench.data.device_loader import build_device_loaders, crop_grids, draw_augment_params, gather_crop
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "data"
@@ -107,7 +107,9 @@ def test_batched_crop_flip_matches_naive(p, c, h, w):
     x = torch.randint(0, 256, (37, c, h, w), generator=g, dtype=torch.uint8)
     oy, ox, fl = draw_augment_params(37, p, True, seed=5, epoch=p)
     assert oy.min() >= 0 and oy.max() <= 2 * p and ox.max() <= 2 * p
-    got = crop_flip(x, oy, ox, fl, p)
+    wp = w + 2 * p  # the loader's path: padded images, one gather per batch
+    row_off, col_table = crop_grids(h, w, wp, x.device)
+    got = gather_crop(F.pad(x, (p, p, p, p)), oy * wp + ox, fl.long(), row_off, col_table)
     assert got.dtype == torch.uint8 and got.shape == x.shape
     assert torch.equal(got, naive_crop_flip(x, oy, ox, fl, p))
     if p:  # every offset and both flips occur in 37 draws for small p; sanity that it is random

@@ -59,6 +59,8 @@ def _small(name: str, cfg, loaded: dict, *, global_batch, rank, world_size, seed
         seed=seed,
         device=device,
         epoch_size=epoch_images(name, cfg, num_train, global_batch),
+        rrc_scale=opt(aug, "rrc_scale", None),
+        rrc_ratio=opt(aug, "rrc_ratio", (3 / 4, 4 / 3)),
     )
     return DataBundle(
         name=name,
