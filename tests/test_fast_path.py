@@ -124,6 +124,29 @@ def test_cuda_layers_keep_channels_last_under_bf16(name):
 
 
 @pytest.mark.gpu
+def test_cuda_per_gpu_bn_on_channels_last_matches_float64():
+    """CUDA's per-GPU BN path for channels_last input (a layout copy, then cuDNN's BN over the (n, k*C, H, W)
+    view): output, input gradient and running statistics against the float64 equations."""
+    torch.manual_seed(2)
+    base = torch.randn(16, 8, 7, 7) * 2.0 + 1.0
+    upstream = torch.randn(16, 8, 7, 7, dtype=torch.float64)
+    layer = build_norm("bn", 8, per_gpu_batch=4).cuda()
+    x = base.cuda().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    (y.double() * upstream.cuda()).sum().backward()
+    x64 = base.double().requires_grad_(True)
+    ref = _reference_bn(x64, chunks=4)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(y.double().cpu(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), x64.grad, atol=1e-5, rtol=1e-5)
+    v = base.double().reshape(4, 4, 8, 7, 7)  # (n, k, C, H, W): image i on GPU i mod k
+    mean_k, var_k = v.mean(dim=(0, 3, 4)), v.var(dim=(0, 3, 4), unbiased=True)  # (k, C)
+    torch.testing.assert_close(layer.running_mean.double().cpu(), 0.1 * mean_k.mean(0), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer.running_var.double().cpu(), 0.9 + 0.1 * var_k.mean(0), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["bn", "gn", "sn", "brn", "evonorm_b0"])
 def test_cuda_training_step_never_syncs_the_host(name):
     from omegaconf import OmegaConf

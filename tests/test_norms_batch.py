@@ -126,7 +126,7 @@ def test_bn_gradcheck(monkeypatch, impl, n):
         ("syncbn", {}),
     ],
 )
-@pytest.mark.parametrize("impl", ["auto", "fused"])
+@pytest.mark.parametrize("impl", ["auto", "view", "fused"])  # view: CUDA's path for channels_last
 def test_batch_layers_keep_channels_last(monkeypatch, impl, name, opts):
     monkeypatch.setattr(bn_mod, "PER_GPU_IMPL", impl)
     x = rand(4, 6, 5, 3)
