@@ -81,8 +81,9 @@ def _is_jpeg(data: torch.Tensor) -> bool:
 
 def decode_batch(datas: Sequence[torch.Tensor], paths: Sequence[str], device: torch.device, name: str):
     """Decode every file to a ``(3, H, W)`` uint8 RGB tensor on ``device``: the JPEGs in one batched decode_jpeg
-    call, anything else (PNG, ...) by decode_image on the CPU. A file that cannot be decoded raises a one-line
-    DataError naming it."""
+    call, anything else (PNG, ...) by decode_image on the CPU. When the batched call fails the JPEGs are decoded one
+    by one, and one that decode_jpeg rejects gets decode_image on the CPU too; a file that cannot be decoded at all
+    raises a one-line DataError naming it."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     rgb = ImageReadMode.RGB
@@ -102,8 +103,8 @@ def decode_batch(datas: Sequence[torch.Tensor], paths: Sequence[str], device: to
             for k in jpegs:
                 try:
                     decoded.append(decode_jpeg(datas[k], mode=rgb, device=device))
-                except RuntimeError as err:
-                    raise bad(k, err) from None
+                except RuntimeError:
+                    decoded.append(None)  # corrupt, or a JPEG flavour nvJPEG declines: decode_image below
         for k, image in zip(jpegs, decoded):
             out[k] = image
     for k, d in enumerate(datas):
