@@ -42,9 +42,14 @@ def picture(rng, h, w, k):
     return np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
+SUBSAMPLED = {("train", 0, 0), ("train", 1, 0), ("val", 0, 2), ("val", 1, 2)}  # 4:2:0 chroma, the others 4:4:4
+
+
 def write_folder(root: Path) -> Path:
     """train: 2 classes x 6 images, val: 2 x 3, sizes 40x56 / 56x40 / 48x48; one grayscale JPEG, one CMYK JPEG
-    and one PNG saved under a .JPEG name (as in ImageNet's train set)."""
+    and one PNG saved under a .JPEG name (as in ImageNet's train set). The RGB JPEGs are 4:4:4 but for the
+    SUBSAMPLED ones (4:2:0, as most of ImageNet): nvJPEG upsamples chroma without libjpeg's smoothing filter, so
+    on CUDA only 4:4:4 and grayscale files decode (almost) exactly as PIL does."""
     rng = np.random.default_rng(0)
     sizes = ((40, 56), (56, 40), (48, 48))
     for split, n in (("train", 6), ("val", 3)):
@@ -62,7 +67,7 @@ def write_folder(root: Path) -> Path:
                 elif (split, k, i) == ("train", 1, 4):
                     img.save(path, format="PNG")
                 else:
-                    img.save(path, quality=90)
+                    img.save(path, quality=90, subsampling=2 if (split, k, i) in SUBSAMPLED else 0)
     return root
 
 
@@ -233,6 +238,12 @@ def test_the_gpu_decoder_is_its_own_run_and_pil_keeps_old_ids():
 # ----------------------------------------------------------------------------------------------- CUDA
 
 
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """ITU-R BT.601 luma of a (3, H, W) image, float64: chroma upsampling does not enter it (up to clipping)."""
+    r, g, b = rgb.double()
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
 @pytest.mark.gpu
 def test_cuda_decode_matches_pil(folder):
     files = all_files(folder)
@@ -241,18 +252,26 @@ def test_cuda_decode_matches_pil(folder):
     for path, got in zip(files, decoded):
         ref = pil_rgb(path)
         assert got.is_cuda and got.shape == ref.shape, path
-        assert (got.cpu().double() - ref.double()).abs().mean() / 255 < TOL, path
+        got = got.cpu()
+        split, cls, i = path.parts[-3], path.parts[-2], int(path.stem.rsplit("_", 1)[1])
+        if (split, CLASSES.index(cls), i) in SUBSAMPLED:  # chroma upsampled differently: luma within JPEG error
+            assert (luma(got) - luma(ref)).abs().mean() / 255 < TOL, path
+            assert (got.double() - ref.double()).abs().mean() / 255 < 8 * TOL, path
+        else:
+            assert (got.double() - ref.double()).abs().mean() / 255 < TOL, path
 
 
 @pytest.mark.gpu
 def test_cuda_batches_match_the_pil_path(folder):
+    """The same labels, crop boxes and flips as the PIL path; pixels within 2/255 but for the 4:2:0 files."""
     cuda = torch.device("cuda")
     for split, epoch in (("train", 1), ("eval", None)):
         px, py = collect(getattr(make(folder, "pil", seed=3), split), epoch)
         gx, gy = collect(getattr(make(folder, "gpu", seed=3, device=cuda), split), epoch)
         assert all(torch.equal(a, b) for a, b in zip(py, gy))
         diff = (pixels(torch.cat(px)) - pixels(torch.cat(gx))).abs().mean(dim=(1, 2, 3))
-        assert diff.max() < TOL, (split, diff)
+        assert diff.median() < TOL and diff.max() < 4 * TOL, (split, diff)
+        assert (diff < TOL).sum() >= len(diff) - 2, (split, diff)  # 2 4:2:0 files per split
 
 
 @pytest.mark.gpu

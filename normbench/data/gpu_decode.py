@@ -71,8 +71,11 @@ class RawBytesDataset(torch.utils.data.Dataset):
 
 
 def collate_raw(items):
+    """One byte buffer per batch (and the files' lengths): a worker hands the main process two tensors, not one
+    shared-memory segment per file (256 of those per batch cost more than the decode)."""
     data, targets, indices, seeds = zip(*items)
-    return list(data), torch.tensor(targets, dtype=torch.int64), list(indices), list(seeds)
+    lengths = torch.tensor([d.numel() for d in data], dtype=torch.int64)
+    return torch.cat(data), lengths, torch.tensor(targets, dtype=torch.int64), list(indices), list(seeds)
 
 
 def _is_jpeg(data: torch.Tensor) -> bool:
@@ -186,5 +189,6 @@ class GpuDecodeBatches:
 
     def __iter__(self):
         nb = self.device.type == "cuda"
-        for datas, targets, indices, seeds in self.loader:
+        for buffer, lengths, targets, indices, seeds in self.loader:
+            datas = list(torch.split(buffer, lengths.tolist()))
             yield self.transform(datas, indices, seeds), targets.to(self.device, non_blocking=nb)
