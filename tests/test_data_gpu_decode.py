@@ -283,3 +283,26 @@ def test_cuda_corrupt_file_is_named(folder, tmp_path):
     with pytest.raises(DataError, match="replace or remove") as err:
         collect(make(root, "gpu", G=12, device=torch.device("cuda")).train, 0)
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_normbench_train_runs_with_the_gpu_decoder(folder, tmp_path):
+    from conftest import TINY, cli
+
+    args = [a for a in TINY if not a.startswith("data")]
+    proc = cli(
+        "train",
+        *args,
+        "data=imagenet",
+        f"data.root={folder}",
+        "data.image_size=16",
+        "data.workers=0",
+        "data.decoder=gpu",
+        "gpus=2",
+        "per_gpu_batch=2",
+        "epochs=1",
+        f"results_dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = list(tmp_path.rglob("result.json"))
+    assert len(results) == 1 and '"completed"' in results[0].read_text()
