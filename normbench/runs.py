@@ -4,7 +4,8 @@ the status that says truthfully how far it got.
 A run's directory is named after a hash of its *identifying* config: everything that can change its numbers.
 Keys that only say where or how fast to run (results_dir, logging, data location, loader workers, fast-path
 switches whose effect is float error) are left out, so moving the data or turning on channels_last resumes the
-same run. The precision (`fast.amp`, resolved: a bf16 run is not an fp32 run) is part of the identity.
+same run. The precision (`fast.amp`, resolved: a bf16 run is not an fp32 run) is part of the identity, and so
+is `data.decoder=gpu` (its pixels differ from PIL's by rounding; the default `pil` is left out of the hash).
 
 Status (result.json `status`):
   completed    every epoch ran; the only status a report averages
@@ -74,6 +75,11 @@ def identifying_config(config: dict) -> dict:
             config[node].pop(rest[0], None)
     if config.get("fast") == {}:
         config.pop("fast")
+    data = config.get("data")
+    if isinstance(data, dict) and data.get("decoder") == "pil":
+        # PIL decoding, the default: the path every ImageNet run took before data.decoder existed (same ids).
+        # data.decoder=gpu resamples (and, on CUDA, decodes) with different rounding: its own run.
+        data.pop("decoder")
     return config
 
 

@@ -129,3 +129,32 @@ def test_bench_norms_smoke_prints_one_table_with_targets():
     for line in lines[3:]:
         if "(vs " in line:
             assert float(line.split("x ")[0].split()[-1]) > 0, line
+
+
+@pytest.mark.slow
+def test_bench_data_smoke_one_table_and_files(tmp_path):
+    """scripts/bench_data.py at toy size: the pil rows and the gpu row (decoding on the CPU), one table, its
+    files; the fastest pil row is 1.00x itself by construction."""
+    out = tmp_path / "bench"
+    args = ["--images", "32", "--batch", "16", "--width", "64", "--height", "48", "--image-size", "32"]
+    args += ["--workers", "0,1", "--gpu-workers", "0", "--repeats", "1", "--warmup", "1", "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_data.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("bench_data | device: cpu") and "torchvision" in lines[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("| ")]
+    assert rows[0] == ["pipeline", "workers", "img/s", "vs best pil", "spread"] and len(rows) == 4
+    assert [(r[0].split()[0], r[1]) for r in rows[1:]] == [("pil", "0"), ("pil", "1"), ("gpu", "0")]
+    assert all(float(r[2]) > 0 for r in rows[1:]) and max(float(r[3]) for r in rows[1:3]) == 1.0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["device"] == "cpu" and "commit" in data["git"] and len(data["results"]) == 3
+    assert all(r["images_per_epoch"] == 32 and len(r["samples"]) == 1 for r in data["results"])
+    assert lines[0] in (tmp_path / "bench.md").read_text()

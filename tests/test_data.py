@@ -64,7 +64,7 @@ EXTRA_KEYS = {
     "fashion_mnist": set(),
     "cifar10": set(),
     "cifar100": set(),
-    "imagenet": {"image_size"},
+    "imagenet": {"image_size", "decoder"},
     "synthetic": {"num_train", "num_eval", "image_size", "channels", "num_classes", "data_seed"},
 }
 

@@ -8,6 +8,10 @@ rule of :mod:`normbench.data.common`). Every training sample carries a seed draw
 per *position* from a generator seeded by ``(seed, epoch)``; the transform runs with the CPU RNG
 seeded from it (state saved and restored around it), so an image's augmentation depends neither
 on the world size, nor on the number of workers, nor on which worker decodes it.
+
+``data.decoder``: ``pil`` (the default) decodes and augments with PIL in the DataLoader workers; ``gpu`` has the
+workers read raw bytes only and decodes + augments batched on the device (:mod:`normbench.data.gpu_decode`), with
+the same per-position seeds and the same draws, so both decoders crop the same box and flip the same images.
 """
 
 from __future__ import annotations
@@ -121,22 +125,31 @@ def _seed_worker(worker_id: int) -> None:
 
 
 class _ToDevice:
-    def __init__(self, loader: DataLoader, device: torch.device):
+    """Yields the loader's batches on ``device``; with ``decode`` (data.decoder=gpu) the loader yields raw bytes and
+    ``decode`` (a gpu_decode.GpuDecodeBatches over the same loader) yields the decoded, transformed batches."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, decode=None):
         self.loader = loader
         self.device = device
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        if self.decode is not None:
+            yield from self.decode
+            return
         nb = self.device.type == "cuda"
         for x, y in self.loader:
             yield x.to(self.device, non_blocking=nb), y.to(self.device, dtype=torch.int64, non_blocking=nb)
 
 
 class ImageNetTrainLoader(_ToDevice):
-    def __init__(self, loader: DataLoader, sampler: GlobalBatchSliceSampler, device: torch.device, local_batch: int):
-        super().__init__(loader, device)
+    def __init__(
+        self, loader: DataLoader, sampler: GlobalBatchSliceSampler, device: torch.device, local_batch: int, decode=None
+    ):
+        super().__init__(loader, device, decode)
         self.sampler = sampler
         self.global_batch = sampler.global_batch
         self.local_batch = local_batch
@@ -152,8 +165,8 @@ class ImageNetTrainLoader(_ToDevice):
 
 
 class ImageNetEvalLoader(_ToDevice):
-    def __init__(self, loader: DataLoader, device: torch.device, num_samples: int):
-        super().__init__(loader, device)
+    def __init__(self, loader: DataLoader, device: torch.device, num_samples: int, decode=None):
+        super().__init__(loader, device, decode)
         self.num_samples = num_samples
 
 
@@ -172,6 +185,9 @@ def _image_folder(path: Path):
 def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, device: torch.device) -> dict:
     from torchvision import transforms as T
 
+    from .gpu_decode import GpuDecodeBatches, RawBytesDataset, check_decoder, collate_raw
+
+    decoder = check_decoder(NAME, opt(cfg, "decoder", "pil"))
     root = user_root(cfg)
     if root is None:
         raise DataError(
@@ -203,7 +219,8 @@ def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, devi
     aug = opt(cfg, "augment", {}) or {}
     flip = bool(opt(aug, "flip", True))
     min_scale = float(opt(aug, "min_scale", 0.08))
-    train_tf = [T.RandomResizedCrop(size, scale=(min_scale, 1.0))]
+    ratio = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's default
+    train_tf = [T.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=ratio)]
     if flip:
         train_tf.append(T.RandomHorizontalFlip())
     train_tf += [T.ToTensor(), T.Normalize(mean, std)]
@@ -222,7 +239,8 @@ def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, devi
         raise DataError(
             f"{NAME}: data.workers={workers} and data.eval_batch={eval_batch} must be >= 0 and >= 1; fix the config"
         )
-    pin = device.type == "cuda"
+    gpu = decoder == "gpu"
+    pin = device.type == "cuda" and not gpu  # gpu: decode_jpeg takes the bytes from (pageable) CPU memory
     common = dict(
         num_workers=workers,
         pin_memory=pin,
@@ -233,24 +251,32 @@ def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, devi
     sampler = GlobalBatchSliceSampler(
         num_train, global_batch, rank, world_size, seed, epoch_images(NAME, cfg, num_train, global_batch)
     )
+    if gpu:
+        common["collate_fn"] = collate_raw
     train_loader = DataLoader(
-        SeededTransformDataset(train_folder, T.Compose(train_tf)),
+        RawBytesDataset(train_folder, NAME) if gpu else SeededTransformDataset(train_folder, T.Compose(train_tf)),
         batch_sampler=sampler,
         generator=torch.Generator().manual_seed(mix_seed(seed, rank, 3)),
         **common,
     )
     lo, hi = eval_shard(len(val_folder), rank, world_size)
     eval_loader = DataLoader(
-        SeededTransformDataset(val_folder, T.Compose(eval_tf)),
+        RawBytesDataset(val_folder, NAME) if gpu else SeededTransformDataset(val_folder, T.Compose(eval_tf)),
         batch_sampler=ShardBatchSampler(lo, hi, eval_batch),
         **common,
     )
+    train_decode = eval_decode = None
+    if gpu:
+        geometry = dict(size=size, resize=resize, mean=mean, std=std)
+        train_aug = dict(scale=(min_scale, 1.0), ratio=ratio, flip=flip)
+        train_decode = GpuDecodeBatches(train_loader, train_folder, device, NAME, aug=train_aug, **geometry)
+        eval_decode = GpuDecodeBatches(eval_loader, val_folder, device, NAME, aug=None, **geometry)
     return dict(
         num_classes=len(train_folder.classes),
         in_channels=3,
         image_size=size,
         num_train=num_train,
         num_eval=len(val_folder),
-        train=ImageNetTrainLoader(train_loader, sampler, device, local_batch),
-        eval=ImageNetEvalLoader(eval_loader, device, hi - lo),
+        train=ImageNetTrainLoader(train_loader, sampler, device, local_batch, train_decode),
+        eval=ImageNetEvalLoader(eval_loader, device, hi - lo, eval_decode),
     )
