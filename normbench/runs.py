@@ -459,7 +459,8 @@ INTERRUPT_SIGNALS = tuple(
 def interrupts_raise():
     """Turn SIGINT/SIGTERM/SIGUSR1/SIGUSR2 into `Interrupted` while the run trains. A handler someone else
     installed is left alone: under submitit, SIGUSR2 requeues the job and ends it with sys.exit (a SystemExit
-    the run records as interrupted) and SIGTERM is deliberately ignored. The first signal restores the previous
+    the run records as interrupted) and SIGTERM is deliberately ignored; a signal the parent set to be ignored
+    stays ignored (a non-interactive shell starts `cmd &` with SIGINT ignored). The first signal restores the previous
     handlers, so a second Ctrl-C stops at once (the files on disk stay consistent: every write is atomic)."""
     installed: dict[int, Any] = {}
 

@@ -64,6 +64,13 @@ def reference(tmp_path_factory) -> Path:
     return _run_dir(root)
 
 
+def _default_signals() -> None:
+    # A user's foreground run: every interrupt signal at its default. pytest started in the background by a
+    # non-interactive shell (`make test &`, nohup) inherits SIGINT ignored, and the run rightly respects that.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _start(args: list[str], code: str | None = None) -> subprocess.Popen:
     command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "normbench.cli", "train"]
     return subprocess.Popen(
@@ -73,6 +80,7 @@ def _start(args: list[str], code: str | None = None) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+        preexec_fn=_default_signals,
     )
 
 

@@ -298,6 +298,7 @@ def test_a_cancelled_job_is_never_completed_and_the_next_sweep_resumes_it(
     slurm("scancel", job, env=slurm_env)
     code, _, err = finish(sweep, timeout=300)
     assert code != 0 and "CANCELLED" in err, err[-3000:]  # the sweep says the job was cancelled
+    assert "Traceback" not in err and "rerun the same sweep" in err, err[-3000:]  # in one line, with the fix
     assert sacct_states(job, slurm_env) == {job: ["CANCELLED"]}
     found = list((tmp_path / "slurm").glob("gn_table2/*/result.json"))
     assert not found or json.loads(found[0].read_text())["status"] != "completed"

@@ -162,7 +162,12 @@ class NormbenchSweeper(BasicSweeper):
         trained_seconds, trained = 0.0, 0
         for start in range(0, len(jobs), batch):
             launched = time.perf_counter()
-            returns = self.launcher.launch(jobs[start : start + batch], initial_job_idx=start)
+            try:
+                returns = self.launcher.launch(jobs[start : start + batch], initial_job_idx=start)
+            except Exception as err:
+                if type(err).__name__ != "UncompletedJobError":  # submitit's: a cluster job left no result
+                    raise
+                _uncompleted_job_exit(experiment, err)
             elapsed = time.perf_counter() - launched
             trained_here = 0
             for job, ret in zip(jobs[start : start + batch], returns):
@@ -197,3 +202,19 @@ class NormbenchSweeper(BasicSweeper):
             print("failed runs:\n" + "\n".join(failures), file=sys.stderr, flush=True)
             sys.exit(1)
         return outcomes
+
+
+def _uncompleted_job_exit(experiment: str, err: Exception) -> None:
+    """A cancelled (or scheduler-killed) cluster job: one line with its id, state and logs, not submitit's
+    traceback. Finished runs stay finished; a killed one recorded how far it got, and the next sweep resumes it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    job, _, result_path = (lines[0] if lines else "a job").partition(" with path ")
+    state = next((line for line in lines if "state:" in line), "has not produced any output")
+    logs = f" (logs: {result_path.rsplit('/', 1)[0]})" if result_path else ""
+    print(
+        f"sweep {experiment}: {job} {state}: cancelled or killed by the scheduler; the finished runs are kept, "
+        f"rerun the same sweep to resume the rest{logs}",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(1)
