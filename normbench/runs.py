@@ -471,6 +471,9 @@ def interrupts_raise():
 
     def handler(signum, frame):
         restore()
+        if _deferred["depth"]:  # inside recording_epoch(): raised once the epoch's record is whole
+            _deferred["pending"] = signum
+            return
         raise Interrupted(signum)
 
     if threading.current_thread() is threading.main_thread():
@@ -481,6 +484,24 @@ def interrupts_raise():
         yield
     finally:
         restore()
+
+
+_deferred: dict[str, Any] = {"depth": 0, "pending": None}
+
+
+@contextmanager
+def recording_epoch():
+    """The epoch's record -- checkpoint, then metrics.jsonl -- is written whole: a signal of
+    `interrupts_raise` that lands inside is raised at the end, so an interrupted run's files always agree on
+    how many epochs it finished (a second signal still stops at once: the first restored the old handlers)."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+        pending, _deferred["pending"] = _deferred["pending"], None
+    if pending is not None and not _deferred["depth"]:
+        raise Interrupted(pending)
 
 
 def interruption_name(err: BaseException) -> str:

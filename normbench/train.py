@@ -348,33 +348,35 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                     reestimate_batch_average(model, batches)
                     distributed.average_buffers(model, d)  # every rank evaluates with the same statistics
                 row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, loop)}
-                history.append(row)
-                log.info(
-                    "epoch %d/%d  loss %.4f  top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s  %.1fs",
-                    epoch + 1,
-                    cfg.epochs,
-                    row["train_loss"],
-                    row["top1_error"],
-                    row["top5_error"],
-                    row["images_per_s"],
-                    row["epoch_time_s"],
-                )
-                if d.is_main:
-                    tracker.log(row, step=epoch + 1)
-                    runs.save_torch(
-                        checkpoint_path,
-                        {
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict(),
-                            "epoch": epoch + 1,
-                            "history": history,
-                            "resumes": resumes,
-                            "wall_time_s": wall_before + time.perf_counter() - started,
-                        },
+                # from here to metrics.jsonl a signal waits: history, checkpoint and metrics agree on the epochs
+                with runs.recording_epoch():
+                    history.append(row)
+                    log.info(
+                        "epoch %d/%d  loss %.4f  top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s  %.1fs",
+                        epoch + 1,
+                        cfg.epochs,
+                        row["train_loss"],
+                        row["top1_error"],
+                        row["top5_error"],
+                        row["images_per_s"],
+                        row["epoch_time_s"],
                     )
-                    runs.write_metrics(directory / "metrics.jsonl", history)
+                    if d.is_main:
+                        tracker.log(row, step=epoch + 1)
+                        runs.save_torch(
+                            checkpoint_path,
+                            {
+                                "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(),
+                                "scaler": scaler.state_dict(),
+                                "epoch": epoch + 1,
+                                "history": history,
+                                "resumes": resumes,
+                                "wall_time_s": wall_before + time.perf_counter() - started,
+                            },
+                        )
+                        runs.write_metrics(directory / "metrics.jsonl", history)
             by_eval = _final_evaluations(cfg, model, data, loop, history)  # bn_eval (issue 12): after the last epoch
         except Diverged as stop:
             run.end("diverged", diverged_epoch=stop.args[0])
