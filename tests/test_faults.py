@@ -89,7 +89,7 @@ def _wait_for_first_epoch(root: Path, proc: subprocess.Popen, timeout: float = 2
     epoch 2 of 3, whatever the machine's speed."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if list(root.rglob("checkpoint.pt")):
+        if list(root.rglob("checkpoint.pt")):  # a signal now waits until the epoch's metrics row is written too
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
