@@ -207,6 +207,16 @@ def git_state(repo: Path | None = None) -> dict:
     return state
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict:
     import torch
 
@@ -221,6 +231,10 @@ def environment(device: str) -> dict:
         "versions": versions,
         "device": device,
         "host": platform.node(),
+        # float results are bit-reproducible only on the same CPU kind, thread count and capability set
+        "cpu": _cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "command": " ".join(sys.argv),
     }
     if device.startswith("cuda") and torch.cuda.is_available():

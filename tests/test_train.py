@@ -49,6 +49,9 @@ def test_run_writes_its_directory_and_is_skipped_when_rerun(tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["git"]["commit"] is None or len(env["git"]["commit"]) == 40
     assert env["versions"]["torch"] == torch.__version__
+    # what float results depend on beyond the code: the thread count and the CPU's vector unit
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
     again = _run(tmp_path)
     assert again["outcome"] == "skipped" and again["top1_error_final"] == on_disk["top1_error_final"]
 
