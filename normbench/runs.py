@@ -207,7 +207,8 @@ def git_state(repo: Path | None = None) -> dict:
     return state
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -232,7 +233,7 @@ def environment(device: str) -> dict:
         "device": device,
         "host": platform.node(),
         # float results are bit-reproducible only on the same CPU kind, thread count and capability set
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "command": " ".join(sys.argv),

@@ -40,6 +40,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from normbench.data import build_data  # noqa: E402
 from normbench.paths import CONFIG_DIR  # noqa: E402
+from normbench.runs import cpu_model  # noqa: E402
 
 DEFAULTS = {
     "cpu": dict(images=256, width=320, height=240, batch=32, image_size=112, workers="0,2", gpu_workers=1, repeats=3),
@@ -179,14 +180,7 @@ def measure(root, args, device, log) -> list[dict]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import os
 
     return f"cpu {cpu}, {os.cpu_count()} cores"

@@ -44,6 +44,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from normbench.models import build_model  # noqa: E402
 from normbench.norms import NormConfigError, norm_layer  # noqa: E402
 from normbench.paths import CONFIG_DIR  # noqa: E402
+from normbench.runs import cpu_model  # noqa: E402
 
 BASELINE = "bn"
 REFERENCE_BATCH = 32  # the papers' per-GPU batch: the "per image" column is relative to it
@@ -331,14 +332,7 @@ def measure(args, device, log) -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     threads = torch.get_num_threads()
     return f"cpu {cpu}, {threads} thread{'s' if threads != 1 else ''}"
 

@@ -112,3 +112,14 @@ def _isolated_global_rng():
     random.setstate(python_state)
     np.random.set_state(numpy_state)
     torch.set_rng_state(torch_state)
+
+
+def imagenet_cfg(**overrides):
+    """configs/data/imagenet.yaml with OVERRIDES, struct mode on (an unknown key fails as in a run)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(REPO / "configs" / "data" / "imagenet.yaml")
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    OmegaConf.set_struct(cfg, True)
+    return cfg

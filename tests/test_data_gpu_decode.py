@@ -11,27 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from normbench.data import DataError, build_data
 from normbench.data.common import STREAM_AUGMENT, epoch_generator, epoch_permutation
 from normbench.data.gpu_decode import decode_batch, draw_crops
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import imagenet_cfg
+
 CPU = torch.device("cpu")
 CLASSES = ("n01", "n02")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 TOL = 2 / 255  # mean |difference| of pixels in [0, 1]: JPEG decoders and resamplers round differently
-
-
-def load_cfg(**overrides):
-    cfg = OmegaConf.load(REPO / "configs" / "data" / "imagenet.yaml")
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    OmegaConf.set_struct(cfg, True)
-    return cfg
 
 
 def picture(rng, h, w, k):
@@ -77,7 +69,7 @@ def folder(tmp_path_factory):
 
 
 def make(root, decoder, G=4, rank=0, ws=1, seed=0, device=CPU, **overrides):
-    cfg = load_cfg(
+    cfg = imagenet_cfg(
         **{"root": str(root), "workers": 0, "image_size": 32, "eval_batch": 4, "decoder": decoder, **overrides}
     )
     return build_data(cfg, global_batch=G, rank=rank, world_size=ws, seed=seed, device=device)

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from normbench.data import DataError, build_data
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import imagenet_cfg
+
 CPU = torch.device("cpu")
 CLASSES = ("ant", "bee")
-
-
-def load_cfg(**overrides):
-    cfg = OmegaConf.load(REPO / "configs" / "data" / "imagenet.yaml")
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    OmegaConf.set_struct(cfg, True)
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +33,7 @@ def folder(tmp_path_factory):
 
 
 def make(folder, G=4, rank=0, ws=1, seed=0, **overrides):
-    cfg = load_cfg(**{"root": str(folder), "workers": 0, "image_size": 32, "eval_batch": 2, **overrides})
+    cfg = imagenet_cfg(**{"root": str(folder), "workers": 0, "image_size": 32, "eval_batch": 2, **overrides})
     return build_data(cfg, global_batch=G, rank=rank, world_size=ws, seed=seed, device=CPU)
 
 
@@ -123,13 +113,13 @@ def test_train_subset(folder):
 
 def test_errors(folder, tmp_path):
     with pytest.raises(DataError, match=r"no train/ directory .* set data\.root"):
-        build_data(load_cfg(root=str(tmp_path)), global_batch=4, device=CPU)
+        build_data(imagenet_cfg(root=str(tmp_path)), global_batch=4, device=CPU)
     with pytest.raises(DataError, match=r"data\.root is not set"):
-        build_data(load_cfg(), global_batch=4, device=CPU)
+        build_data(imagenet_cfg(), global_batch=4, device=CPU)
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
     with pytest.raises(DataError, match=r"not a usable ImageFolder"):
-        build_data(load_cfg(root=str(tmp_path)), global_batch=4, device=CPU)
+        build_data(imagenet_cfg(root=str(tmp_path)), global_batch=4, device=CPU)
     with pytest.raises(DataError, match=r"not divisible by world size 3"):
         make(folder, G=4, ws=3)
     with pytest.raises(DataError, match=r"only 12 training images"):
