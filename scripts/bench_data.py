@@ -22,9 +22,7 @@ written under ``--images`` file names. They sit in the page cache, so disk reads
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,7 +38,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from normbench.data import build_data  # noqa: E402
 from normbench.paths import CONFIG_DIR  # noqa: E402
-from normbench.runs import cpu_model  # noqa: E402
+from scripts import _bench_common as bench_common  # noqa: E402
+from scripts._bench_common import device_name  # noqa: E402
 
 DEFAULTS = {
     "cpu": dict(images=256, width=320, height=240, batch=32, image_size=112, workers="0,2", gpu_workers=1, repeats=3),
@@ -177,15 +176,6 @@ def measure(root, args, device, log) -> list[dict]:
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = cpu_model()
-    import os
-
-    return f"cpu {cpu}, {os.cpu_count()} cores"
-
-
 def render(args, device, rows, source: str) -> tuple[str, str]:
     header = (
         f"bench_data | device: {device_name(device)} | torch {torch.__version__} | torchvision "
@@ -207,31 +197,14 @@ def render(args, device, rows, source: str) -> tuple[str, str]:
 
 
 def write_outputs(args, device, header, table, rows) -> list[pathlib.Path]:
-    from normbench.runs import git_state
-
-    out = pathlib.Path(args.out)
-    if out.is_dir() or args.out.endswith(("/", "\\")):
-        out = out / f"bench_data-{device.type}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md, js = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
-    command = ("python scripts/bench_data.py " + " ".join(sys.argv[1:])).strip()
-    md.write_text(f"{header}\n\n{table}\n\n`{command}`\n")
     payload = {
-        "device": device.type,
-        "device_name": device_name(device),
-        "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "git": git_state(REPO),
-        "command": command,
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
         "results": rows,
         "table_markdown": table,
     }
-    js.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return [md, js]
+    stem = f"bench_data-{device.type}"
+    return bench_common.write_outputs("bench_data.py", args.out, stem, device, f"{header}\n\n{table}", payload)
 
 
 def main(argv=None) -> int:

@@ -25,9 +25,7 @@ git commit and every timing sample.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -44,7 +42,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from normbench.models import build_model  # noqa: E402
 from normbench.norms import NormConfigError, norm_layer  # noqa: E402
 from normbench.paths import CONFIG_DIR  # noqa: E402
-from normbench.runs import cpu_model  # noqa: E402
+from scripts import _bench_common as bench_common  # noqa: E402
+from scripts._bench_common import device_name  # noqa: E402
 
 BASELINE = "bn"
 REFERENCE_BATCH = 32  # the papers' per-GPU batch: the "per image" column is relative to it
@@ -329,20 +328,6 @@ def measure(args, device, log) -> dict:
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = cpu_model()
-    threads = torch.get_num_threads()
-    return f"cpu {cpu}, {threads} thread{'s' if threads != 1 else ''}"
-
-
-def git_commit() -> dict:
-    from normbench.runs import git_state
-
-    return git_state(REPO)
-
-
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -404,37 +389,17 @@ def render(args, device, measured: dict) -> tuple[str, str, list[str]]:
 
 
 def write_outputs(args, device, header, table, targets, measured) -> list[pathlib.Path]:
-    out = pathlib.Path(args.out)
-    if out.is_dir() or args.out.endswith(("/", "\\")):
-        out = out / f"bench_train-{args.model}-{device.type}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md, js = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
-    command = "python scripts/bench_train.py " + " ".join(sys.argv[1:])
-    md.write_text(
-        f"{header}\n\n{table}\n"
-        + "".join(f"\n{t}" for t in targets)
-        + ("\n" if targets else "")
-        + f"\n`{command.strip()}`\n"
-    )
-    args_dict = {k: v for k, v in vars(args).items() if k not in ("norm_specs",)}
+    markdown = f"{header}\n\n{table}" + ("\n\n" + "\n".join(targets) if targets else "")
     payload = {
-        "device": device.type,
-        "device_name": device_name(device),
-        "torch": torch.__version__,
         "dtype": "bfloat16" if args.amp == "bf16" else "float32",
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "git": git_commit(),
-        "command": command.strip(),
-        "args": args_dict,
+        "args": {k: v for k, v in vars(args).items() if k not in ("norm_specs",)},
         "reference_batch": measured["reference_batch"],
         "results": measured["results"],
         "targets": targets,
         "table_markdown": table,
     }
-    js.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return [md, js]
+    stem = f"bench_train-{args.model}-{device.type}"
+    return bench_common.write_outputs("bench_train.py", args.out, stem, device, markdown, payload)
 
 
 def main(argv=None) -> int:
