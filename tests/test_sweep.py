@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hydra_plugins.normbench_sweeper.normbench_sweeper import plan_jobs
+from hydra_plugins.normbench_sweeper.normbench_sweeper import grid_eta, plan_jobs
 
 from conftest import REPO, TINY, cli, compose
 
@@ -146,7 +146,8 @@ def _tree(root) -> dict:
 def test_sweep_tells_run_k_of_n_and_a_dry_run_lists_states_without_writing(tmp_path):
     first = cli("sweep", "experiment=gn_table2", *SWEEP_TINY, "per_gpu_batch=8", f"results_dir={tmp_path}")
     assert first.returncode == 0, first.stderr[-2000:]
-    assert re.search(r"sweep gn_table2: run 1/2 completed; 1 of the 1 left to train, ETA \d+m\d\ds", first.stdout)
+    progress = r"sweep gn_table2: run 1/2 completed; 1 of the 1 left to train, ETA \d+m\d\ds for the grid"
+    assert re.search(progress, first.stdout)
     run_dirs = {json.loads(p.read_text())["norm"]: p.parent for p in tmp_path.rglob("result.json")}
     (run_dirs["gn"] / "result.json").unlink()  # its checkpoint stays: a run to resume
     before = _tree(tmp_path)
@@ -182,3 +183,12 @@ def test_sweep_cfg_job_prints_the_composed_config():
     proc = cli("sweep", "experiment=gn_table2", "preset=local", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "experiment: gn_table2" in proc.stdout and "train_subset: 4096" in proc.stdout
+
+
+def test_grid_eta_is_the_grid_s_completion_rate_times_what_is_left():
+    # Two workers finished 6 runs in 12 min between them (2 min a run for the grid): 9 left take 18 min, not the
+    # 36 min one worker's own 4 min a run would say.
+    assert grid_eta(12 * 60, done_since_start=6, not_done=9) == "18m00s"
+    assert grid_eta(3 * 3600, done_since_start=4, not_done=2) == "1h30m"
+    assert grid_eta(100.0, done_since_start=0, not_done=5) == "unknown"  # nothing finished yet: no rate
+    assert grid_eta(100.0, done_since_start=0, not_done=0) == "0m00s"

@@ -102,6 +102,14 @@ def _run_directory(config: dict):
     return runs.run_dir(config)
 
 
+def grid_eta(elapsed_s: float, done_since_start: int, not_done: int) -> str:
+    """Time left for a grid: its runs not done yet at the rate runs have been finishing since this sweep
+    started, by every worker on the grid (two workers halve it); 'unknown' until one has finished."""
+    if not_done == 0:
+        return _duration(0)
+    return _duration(elapsed_s / done_since_start * not_done) if done_since_start > 0 else "unknown"
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -115,6 +123,7 @@ class NormbenchSweeper(BasicSweeper):
         from omegaconf.errors import OmegaConfBaseException
 
         planned = []
+        self._run_dirs = {}
         for job in jobs:
             cfg = self.hydra_context.config_loader.load_sweep_config(master_config=self.config, sweep_overrides=job)
             with open_dict(cfg):
@@ -124,11 +133,29 @@ class NormbenchSweeper(BasicSweeper):
             except (OmegaConfBaseException, ValueError) as err:  # a bad interpolation, device=cuda without a GPU:
                 planned.append((" ".join(job), f"bad config: {str(err).splitlines()[0]}"))  # the run fails on it
                 continue
+            self._run_dirs[" ".join(job)] = directory
             state = run_state(directory)
             if state == "done" and cfg.get("force"):
                 state = "redo"  # force=true: the finished run is set aside and trained again
             planned.append((directory.name, state))
         return planned
+
+    def _finished_since(self, jobs: list[list[str]], since: float) -> list[bool]:
+        """Per job: has its run (trained by this process or any other) written a final result since `since`
+        (a time.time())? A result.json is written once, atomically, when a run ends."""
+        from normbench import runs
+
+        finished = []
+        for job in jobs:
+            directory = self._run_dirs.get(" ".join(job))
+            path = None if directory is None else directory / "result.json"
+            try:
+                fresh = path is not None and path.stat().st_mtime >= since
+            except OSError:
+                fresh = False
+            result = runs.read_json(path) if fresh else None
+            finished.append(isinstance(result, dict) and result.get("status") in runs.FINAL_STATUSES)
+        return finished
 
     def sweep(self, arguments: list[str]) -> Any:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -159,17 +186,15 @@ class NormbenchSweeper(BasicSweeper):
         # whole grid at once (one job array).
         in_process = isinstance(self.launcher, BasicLauncher)
         batch = self.max_batch_size or (1 if in_process else len(jobs))
-        trained_seconds, trained = 0.0, 0
+        sweep_started = time.time()
+        pending = [state in ("new", "partial", "redo") for _, state in planned]  # what this grid still trains
         for start in range(0, len(jobs), batch):
-            launched = time.perf_counter()
             try:
                 returns = self.launcher.launch(jobs[start : start + batch], initial_job_idx=start)
             except Exception as err:
                 if type(err).__name__ != "UncompletedJobError":  # submitit's: a cluster job left no result
                     raise
                 _uncompleted_job_exit(experiment, err)
-            elapsed = time.perf_counter() - launched
-            trained_here = 0
             for job, ret in zip(jobs[start : start + batch], returns):
                 if ret.status == JobStatus.COMPLETED and isinstance(ret._return_value, dict):
                     outcome = ret._return_value.get("outcome", "completed")
@@ -177,16 +202,17 @@ class NormbenchSweeper(BasicSweeper):
                     outcome = "failed"
                     failures.append(f"  {' '.join(job)}: {ret._return_value}")
                 outcomes[outcome] += 1
-                trained_here += outcome not in ("skipped", "busy")
-            if trained_here:  # skipped runs take no time: the ETA extrapolates from runs that trained
-                trained_seconds, trained = trained_seconds + elapsed, trained + trained_here
             finished = start + len(returns)
             if in_process and finished < len(jobs):
-                to_train = sum(state != "done" for _, state in planned[finished:])
-                eta = _duration(trained_seconds / trained * to_train) if trained else "unknown"
+                # Read from disk, not from the plan: other workers on the same grid finish runs too, and the
+                # grid's completion rate (theirs included) is what tells when it will be done.
+                fresh = self._finished_since(jobs, sweep_started)
+                left = [p and not f for p, f in zip(pending, fresh)]
+                to_train = sum(left[finished:])
+                eta = grid_eta(time.time() - sweep_started, sum(p and f for p, f in zip(pending, fresh)), sum(left))
                 print(
                     f"sweep {experiment}: run {finished}/{len(jobs)} {outcome}; {to_train} of the "
-                    f"{len(jobs) - finished} left to train, ETA {eta}",
+                    f"{len(jobs) - finished} left to train, ETA {eta} for the grid",
                     flush=True,
                 )
         order = ["completed", "skipped", "resumed", "diverged", "busy", "interrupted", "failed"]
