@@ -15,8 +15,6 @@ import torch
 
 from normbench.runs import cpu_model, git_state
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model with the thread count torch uses (both change a CPU timing)."""
@@ -26,7 +24,7 @@ def device_name(device: torch.device) -> str:
     return f"cpu {cpu_model()}, {threads} thread{'s' if threads != 1 else ''}"
 
 
-def write_outputs(
+def write_bench_outputs(
     script: str, out_arg: str, default_stem: str, device, markdown: str, payload: dict
 ) -> list[pathlib.Path]:
     """Write `<out>.md` (the printed report plus the command that made it) and `<out>.json` (the same figures
@@ -45,7 +43,7 @@ def write_outputs(
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "host": platform.node(),
-        "git": git_state(REPO),
+        "git": git_state(),  # the checkout normbench is imported from
         "command": command,
     }
     js.write_text(json.dumps({**provenance, **payload}, indent=2, default=str) + "\n")

@@ -38,8 +38,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from normbench.data import build_data  # noqa: E402
 from normbench.paths import CONFIG_DIR  # noqa: E402
-from scripts import _bench_common as bench_common  # noqa: E402
-from scripts._bench_common import device_name  # noqa: E402
+from scripts._bench_common import device_name, write_bench_outputs  # noqa: E402
 
 DEFAULTS = {
     "cpu": dict(images=256, width=320, height=240, batch=32, image_size=112, workers="0,2", gpu_workers=1, repeats=3),
@@ -204,7 +203,7 @@ def write_outputs(args, device, header, table, rows) -> list[pathlib.Path]:
         "table_markdown": table,
     }
     stem = f"bench_data-{device.type}"
-    return bench_common.write_outputs("bench_data.py", args.out, stem, device, f"{header}\n\n{table}", payload)
+    return write_bench_outputs("bench_data.py", args.out, stem, device, f"{header}\n\n{table}", payload)
 
 
 def main(argv=None) -> int:

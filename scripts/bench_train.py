@@ -42,8 +42,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from normbench.models import build_model  # noqa: E402
 from normbench.norms import NormConfigError, norm_layer  # noqa: E402
 from normbench.paths import CONFIG_DIR  # noqa: E402
-from scripts import _bench_common as bench_common  # noqa: E402
-from scripts._bench_common import device_name  # noqa: E402
+from scripts._bench_common import device_name, write_bench_outputs  # noqa: E402
 
 BASELINE = "bn"
 REFERENCE_BATCH = 32  # the papers' per-GPU batch: the "per image" column is relative to it
@@ -399,7 +398,7 @@ def write_outputs(args, device, header, table, targets, measured) -> list[pathli
         "table_markdown": table,
     }
     stem = f"bench_train-{args.model}-{device.type}"
-    return bench_common.write_outputs("bench_train.py", args.out, stem, device, markdown, payload)
+    return write_bench_outputs("bench_train.py", args.out, stem, device, markdown, payload)
 
 
 def main(argv=None) -> int:

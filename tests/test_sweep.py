@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
-from hydra_plugins.normbench_sweeper.normbench_sweeper import grid_eta, plan_jobs
+from hydra_plugins.normbench_sweeper.normbench_sweeper import finished_since, grid_eta, plan_jobs
 
 from conftest import REPO, TINY, cli, compose
 
@@ -192,3 +194,30 @@ def test_grid_eta_is_the_grid_s_completion_rate_times_what_is_left():
     assert grid_eta(3 * 3600, done_since_start=4, not_done=2) == "1h30m"
     assert grid_eta(100.0, done_since_start=0, not_done=5) == "unknown"  # nothing finished yet: no rate
     assert grid_eta(100.0, done_since_start=0, not_done=0) == "0m00s"
+
+
+def test_finished_since_counts_any_worker_s_runs_that_ended_after_the_sweep_started(tmp_path):
+    """The ETA's numerator, read from real run directories: a run counts when its result is final (completed or
+    diverged) and was written at or after the sweep started -- whoever trained it."""
+    since = time.time()
+
+    def run(name, status=None, before=False, checkpoint=False):
+        directory = tmp_path / name
+        directory.mkdir()
+        if checkpoint:
+            (directory / "checkpoint.pt").write_bytes(b"x")
+        if status:
+            (directory / "result.json").write_text(json.dumps({"status": status}))
+            if before:  # finished before this sweep started: not this grid's progress
+                os.utime(directory / "result.json", (since - 60, since - 60))
+        return directory
+
+    directories = [
+        run("by_another_worker", "completed"),
+        run("diverged_now", "diverged"),
+        run("done_before", "completed", before=True),
+        run("interrupted_now", "interrupted", checkpoint=True),
+        run("still_training", checkpoint=True),
+        None,  # a bad config: no directory
+    ]
+    assert finished_since(directories, since) == [True, True, False, False, False, False]

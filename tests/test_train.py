@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,9 @@ def test_run_writes_its_directory_and_is_skipped_when_rerun(tmp_path):
     # what float results depend on beyond the code: the thread count and the CPU's vector unit
     assert env["torch_threads"] == torch.get_num_threads()
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # the model name the kernel reports, as the machine's own record has it
+        assert f": {env['cpu']}\n" in cpuinfo.read_text()
     again = _run(tmp_path)
     assert again["outcome"] == "skipped" and again["top1_error_final"] == on_disk["top1_error_final"]
 

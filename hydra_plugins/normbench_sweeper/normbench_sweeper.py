@@ -91,6 +91,20 @@ def run_state(directory) -> str:
     return "partial" if (directory / "checkpoint.pt").exists() else "new"
 
 
+def finished_since(directories, since: float) -> list[bool]:
+    """Per run directory (None: a bad config): is the run done (run_state), with a result.json written at or
+    after `since` (a time.time())? That counts the runs any worker on the grid finished since then, and a
+    `force=true` rerun of a finished run once its new result lands."""
+    finished = []
+    for directory in directories:
+        try:
+            fresh = directory is not None and (directory / "result.json").stat().st_mtime >= since
+        except OSError:  # no result yet
+            fresh = False
+        finished.append(fresh and run_state(directory) == "done")
+    return finished
+
+
 def _run_directory(config: dict):
     """The run's directory as train() names it: the precision `fast.amp: auto` resolves to on this machine's
     device is part of the run's hash (so a dry run on a CPU login node names the CPU runs)."""
@@ -117,13 +131,13 @@ def _duration(seconds: float) -> str:
 
 
 class NormbenchSweeper(BasicSweeper):
-    def _plan_states(self, jobs: list[list[str]]) -> list[tuple[str, str]]:
-        """(run directory name, state) of every job. Composing each job's config is also the check that every
-        run is legal before any trains (what BasicSweeper.validate_batch_is_legal does)."""
+    def _plan_states(self, jobs: list[list[str]]) -> list[tuple[str, str, Any]]:
+        """(run directory name, state, run directory or None for a bad config) of every job. Composing each
+        job's config is also the check that every run is legal before any trains (what
+        BasicSweeper.validate_batch_is_legal does)."""
         from omegaconf.errors import OmegaConfBaseException
 
         planned = []
-        self._run_dirs = {}
         for job in jobs:
             cfg = self.hydra_context.config_loader.load_sweep_config(master_config=self.config, sweep_overrides=job)
             with open_dict(cfg):
@@ -131,31 +145,13 @@ class NormbenchSweeper(BasicSweeper):
             try:
                 directory = _run_directory(OmegaConf.to_container(cfg, resolve=True))
             except (OmegaConfBaseException, ValueError) as err:  # a bad interpolation, device=cuda without a GPU:
-                planned.append((" ".join(job), f"bad config: {str(err).splitlines()[0]}"))  # the run fails on it
+                planned.append((" ".join(job), f"bad config: {str(err).splitlines()[0]}", None))  # it fails on it
                 continue
-            self._run_dirs[" ".join(job)] = directory
             state = run_state(directory)
             if state == "done" and cfg.get("force"):
                 state = "redo"  # force=true: the finished run is set aside and trained again
-            planned.append((directory.name, state))
+            planned.append((directory.name, state, directory))
         return planned
-
-    def _finished_since(self, jobs: list[list[str]], since: float) -> list[bool]:
-        """Per job: has its run (trained by this process or any other) written a final result since `since`
-        (a time.time())? A result.json is written once, atomically, when a run ends."""
-        from normbench import runs
-
-        finished = []
-        for job in jobs:
-            directory = self._run_dirs.get(" ".join(job))
-            path = None if directory is None else directory / "result.json"
-            try:
-                fresh = path is not None and path.stat().st_mtime >= since
-            except OSError:
-                fresh = False
-            result = runs.read_json(path) if fresh else None
-            finished.append(isinstance(result, dict) and result.get("status") in runs.FINAL_STATUSES)
-        return finished
 
     def sweep(self, arguments: list[str]) -> Any:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -167,11 +163,12 @@ class NormbenchSweeper(BasicSweeper):
         )
         experiment = self.config.experiment
         planned = self._plan_states(jobs)
-        states = Counter(state if state in ("done", "redo", "partial", "new") else "bad config" for _, state in planned)
+        known = ("done", "redo", "partial", "new")
+        states = Counter(state if state in known else "bad config" for _, state, _ in planned)
         order = ["done", "partial", "new"] + [k for k in ("redo", "bad config") if states[k]]
         counts = ", ".join(f"{states[k]} {k}" for k in order)
         if sweep_cfg.get("dry_run"):
-            for name, state in planned:
+            for name, state, _ in planned:
                 print(f"  {state:<8} {name}", flush=True)
             print(
                 f"sweep {experiment} (dry run): {len(jobs)} runs in {self.config.results_dir}/{experiment}/: "
@@ -187,7 +184,8 @@ class NormbenchSweeper(BasicSweeper):
         in_process = isinstance(self.launcher, BasicLauncher)
         batch = self.max_batch_size or (1 if in_process else len(jobs))
         sweep_started = time.time()
-        pending = [state in ("new", "partial", "redo") for _, state in planned]  # what this grid still trains
+        pending = [state in ("new", "partial", "redo") for _, state, _ in planned]  # what this grid still trains
+        directories = [directory for _, _, directory in planned]
         for start in range(0, len(jobs), batch):
             try:
                 returns = self.launcher.launch(jobs[start : start + batch], initial_job_idx=start)
@@ -206,7 +204,7 @@ class NormbenchSweeper(BasicSweeper):
             if in_process and finished < len(jobs):
                 # Read from disk, not from the plan: other workers on the same grid finish runs too, and the
                 # grid's completion rate (theirs included) is what tells when it will be done.
-                fresh = self._finished_since(jobs, sweep_started)
+                fresh = finished_since(directories, sweep_started)
                 left = [p and not f for p, f in zip(pending, fresh)]
                 to_train = sum(left[finished:])
                 eta = grid_eta(time.time() - sweep_started, sum(p and f for p, f in zip(pending, fresh)), sum(left))
