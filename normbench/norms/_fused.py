@@ -16,6 +16,11 @@ tensor costs its page faults on first write (a 100 MB one: ~30 ms, 10x the arith
 
 Used by Switchable Norm (statistics per (n, c), LN/BN ones derived from them), per-GPU BatchNorm and
 Batch Renorm (statistics per (GPU, c) on an ``(n, k, C, H, W)`` view), FRN (mean 0). Not twice differentiable.
+
+Under ``torch.compile`` (:func:`compiling`) both functions take plain differentiable tensor ops instead: the
+custom backward's ``torch.autograd.grad`` would split the graph, while inductor fuses the plain formula
+(statistics in float32, one scale-and-shift pass) and derives its backward itself. Same equations, so the
+float64 reference tests hold on both paths (tests/test_compiled.py).
 """
 
 from __future__ import annotations
@@ -26,11 +31,17 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["stats_affine", "sum_to", "var_mean"]
+__all__ = ["compiling", "stats_affine", "sum_to", "var_mean"]
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` traces the caller: the layers then use plain tensor ops (one graph)."""
+    return torch.compiler.is_compiling()
 
 
 def var_mean(x: Tensor, dims, return_scratch: bool = False):
-    """Biased (var, mean) over ``dims`` (keepdim), accumulated in float32 at least.
+    """Biased (var, mean) over ``dims`` (keepdim), accumulated in float32 at least; detached in eager mode
+    (the fused op differentiates through them itself), differentiable under ``torch.compile``.
 
     CUDA: ``torch.var_mean`` (one fused pass). CPU: two passes -- the mean, then the squared norm of the
     centered ``d = x - mean`` -- as stable as Welford and ~10x faster than CPU ``torch.var_mean`` at ResNet
@@ -43,6 +54,14 @@ def var_mean(x: Tensor, dims, return_scratch: bool = False):
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     dims = tuple(sorted(d % x.dim() for d in dims))
+    if compiling():
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        return (var, mean, None) if return_scratch else (var, mean)
+    with torch.no_grad():
+        return _eager_var_mean(x, dims, return_scratch)
+
+
+def _eager_var_mean(x: Tensor, dims: tuple, return_scratch: bool):
     if x.device.type != "cpu":
         var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         return (var, mean, None) if return_scratch else (var, mean)
@@ -138,5 +157,11 @@ def stats_affine(
 ) -> Tensor:
     """y = x * A + B with (A, B) = coeff_fn(mean, var, *params); mean/var: biased stats of x (see module doc).
     ``centered``: ``x - mean`` as returned by ``var_mean(..., return_scratch=True)``, owned by nobody else;
-    it is overwritten with y."""
+    it is overwritten with y. Under ``torch.compile``, mean/var are differentiable (see :func:`var_mean`) and
+    y is the plain ``(x - mean) * A + (B + mean * A)``, in float32 at least (no cancellation when
+    ``|mean| >> std``), rounded once to x's dtype."""
+    if compiling():
+        a, b = coeff_fn(mean, var, *params)
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.to(a.dtype)
+        return ((xf - mean) * a + (b + mean * a)).to(x.dtype)
     return _StatsAffine.apply(x, mean.detach(), var.detach(), coeff_fn, [centered], *params)

@@ -44,7 +44,7 @@ from ._common import (
     init_batch_layer,
     split_gpus,
 )
-from ._fused import stats_affine, var_mean
+from ._fused import compiling, stats_affine, var_mean
 
 __all__ = ["PerGPUBatchNorm2d", "SyncBatchNorm2d", "chunked_batch_norm"]
 
@@ -79,7 +79,9 @@ def chunked_batch_norm(
     if k == 1:
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     N, C, H, W = x.shape
-    if impl == "view" or (impl == "auto" and (x.is_contiguous() or x.device.type == "cuda")):
+    # Under torch.compile the (n, k, C, H, W) view path below is plain tensor ops that inductor fuses for any
+    # layout; the view path's layout copies and repeated buffers would only add work to the graph.
+    if not compiling() and (impl == "view" or (impl == "auto" and (x.is_contiguous() or x.device.type == "cuda"))):
         # (n, k*C, H, W) is a view of image-major x: channel j*C + c = channel c of GPU j (a copy if x is not
         # contiguous NCHW; the output then gets x's channels_last layout back)
         rm, rv = running_mean.repeat(k), running_var.repeat(k)
@@ -92,8 +94,8 @@ def chunked_batch_norm(
             y = y.contiguous(memory_format=torch.channels_last)
         return y
     x5 = gpu_view(x, k, n)
+    var, mean, scratch = var_mean(x5, (0, 3, 4), return_scratch=True)  # (1, k, C, 1, 1), biased
     with torch.no_grad():
-        var, mean, scratch = var_mean(x5, (0, 3, 4), return_scratch=True)  # (1, k, C, 1, 1), biased
         m = n * H * W
         running_mean.lerp_(mean.view(k, C).mean(0).to(running_mean.dtype), momentum)
         running_var.lerp_((var.view(k, C).mean(0) * (m / (m - 1))).to(running_var.dtype), momentum)

@@ -52,6 +52,17 @@ def _brn_coeffs(mean, var, weight, bias, r, d, eps):
     return a, bias.view(1, 1, c, 1, 1) + w * d - mean * a
 
 
+def _snapshot(buffer: Tensor) -> Tensor:
+    """The buffer's value before this step's in-place update (same shape).
+
+    A plain read is enough in eager mode. Under torch.compile (torch 2.14) inductor's partitioner saved the
+    buffer itself for the backward and recomputed r and d there from it, i.e. from the value AFTER this
+    step's ``lerp_`` (weight and input gradients 1-7% off the float64 formula; tests/test_compiled.py).
+    The partitioner never recomputes a reduction whose output is 4x smaller than its input, so the value is
+    read through an exact one: the max over 8 identical copies (an expanded view, nothing is copied)."""
+    return buffer.detach().reshape(1, -1).expand(8, -1).amax(0).view(buffer.shape)
+
+
 class BatchRenorm2d(NormLayer, nn.Module):
     """``brn``: Batch Renorm with fixed or scheduled rmax/dmax (see module docstring)."""
 
@@ -140,7 +151,7 @@ class BatchRenorm2d(NormLayer, nn.Module):
         """(rmax, dmax) for the next training step: floats (fixed) or 0-dim tensors (schedule)."""
         if not self.schedule:
             return self.rmax, self.dmax
-        t = (self.num_batches_tracked - self.warmup_steps).clamp_min(0).to(self.running_mean.dtype)
+        t = (_snapshot(self.num_batches_tracked) - self.warmup_steps).clamp_min(0).to(self.running_mean.dtype)
         rmax = 1.0 + (self.rmax_max - 1.0) * (t / (self.rmax_steps - self.warmup_steps)).clamp(max=1.0)
         dmax = self.dmax_max * (t / (self.dmax_steps - self.warmup_steps)).clamp(max=1.0)
         return rmax, dmax
@@ -152,22 +163,21 @@ class BatchRenorm2d(NormLayer, nn.Module):
         k, n, m = split_gpus(self.norm_name, x, self.per_gpu_batch)
         N, C, H, W = x.shape
         x5 = gpu_view(x, k, n)
-        with torch.no_grad():
-            var, mean, scratch = var_mean(x5, (0, 3, 4), return_scratch=True)  # (1, k, C, 1, 1), biased
-        with torch.no_grad():
-            rmax, dmax = self.current_limits()
-            rm = self.running_mean.view(1, 1, C, 1, 1).to(var.dtype)
-            s = torch.sqrt(self.running_var.view(1, 1, C, 1, 1).to(var.dtype) + self.eps)
-            s_b = torch.sqrt(var + self.eps)
-            if isinstance(rmax, Tensor):
-                r = torch.minimum(torch.maximum(s_b / s, 1.0 / rmax), rmax)
-                d = torch.minimum(torch.maximum((mean - rm) / s, -dmax), dmax)
-            else:
-                r = (s_b / s).clamp(1.0 / rmax, rmax)
-                d = ((mean - rm) / s).clamp(-dmax, dmax)
-            self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean.view(k, C).mean(0).to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_((var.view(k, C).mean(0) * (m / (m - 1))).to(self.running_var.dtype), self.momentum)
+        var, mean, scratch = var_mean(x5, (0, 3, 4), return_scratch=True)  # (1, k, C, 1, 1), biased
+        # r and d are constants of the step (not differentiated through), from this step's statistics and the
+        # running statistics BEFORE this step's update
+        rmax, dmax = self.current_limits()
+        var_d, mean_d = var.detach(), mean.detach()
+        rm = _snapshot(self.running_mean).view(1, 1, C, 1, 1).to(var.dtype)
+        rv = _snapshot(self.running_var).view(1, 1, C, 1, 1).to(var.dtype)
+        s = torch.sqrt(rv + self.eps)
+        s_b = torch.sqrt(var_d + self.eps)
+        if isinstance(rmax, Tensor):
+            r = torch.minimum(torch.maximum(s_b / s, 1.0 / rmax), rmax)
+            d = torch.minimum(torch.maximum((mean_d - rm) / s, -dmax), dmax)
+        else:
+            r = (s_b / s).clamp(1.0 / rmax, rmax)
+            d = ((mean_d - rm) / s).clamp(-dmax, dmax)
         eps = self.eps
         y = stats_affine(
             x5,
@@ -180,4 +190,8 @@ class BatchRenorm2d(NormLayer, nn.Module):
             d,
             centered=scratch,
         )
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.view(k, C).mean(0).to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var.view(k, C).mean(0) * (m / (m - 1))).to(self.running_var.dtype), self.momentum)
         return y.view(N, C, H, W)

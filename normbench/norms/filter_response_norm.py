@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import NormLayer, add_affine, check_bool, check_channels, check_eps, check_input
-from ._fused import stats_affine
+from ._fused import compiling, stats_affine
 
 __all__ = ["FilterResponseNorm2d"]
 
@@ -54,9 +54,12 @@ class FilterResponseNorm2d(NormLayer, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(self.norm_name, x, self.num_channels)
         C = self.num_channels
-        with torch.no_grad():
-            xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            nu2 = torch.linalg.vector_norm(xs, 2, dim=(2, 3), keepdim=True).square_() / (x.shape[2] * x.shape[3])
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        if compiling():  # differentiable: the compiled graph derives the backward (see _fused.py)
+            nu2 = xs.square().mean((2, 3), keepdim=True)
+        else:
+            with torch.no_grad():
+                nu2 = torch.linalg.vector_norm(xs, 2, dim=(2, 3), keepdim=True).square_() / (x.shape[2] * x.shape[3])
         # nu2 = E[x^2] is the biased "variance" about mean 0: the fused op's backward (d var / dx = 2 (x - 0) / M)
         # is exact with mean = 0 held constant
         zero = torch.zeros_like(nu2)

@@ -91,6 +91,19 @@ class _Pono(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), g_w, g_b, None
 
 
+def _pono_plain(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """The same PONO as :class:`_Pono` in differentiable tensor ops, for torch.compile (one graph; inductor
+    derives and fuses the backward): statistics in float32 at least, outputs in x's dtype."""
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    var, mean = torch.var_mean(xf, dim=1, correction=1, keepdim=True)
+    std = torch.sqrt(var + eps)
+    y = (xf - mean) / std
+    if weight is not None:
+        C = x.shape[1]
+        y = y * weight.view(1, C, 1, 1) + bias.view(1, C, 1, 1)
+    return y.to(x.dtype), mean.to(x.dtype), std.to(x.dtype)
+
+
 class PositionalNorm(NormLayer, nn.Module):
     """``pono``: Positional Norm over C at each (n, h, w); per-channel affine when ``affine=True``."""
 
@@ -137,7 +150,10 @@ class PositionalNorm(NormLayer, nn.Module):
 
     def forward(self, x: Tensor):
         check_input(self.norm_name, x, self.num_channels)
-        y, mean, std = _Pono.apply(x, self.weight, self.bias, self.eps)
+        if torch.compiler.is_compiling():
+            y, mean, std = _pono_plain(x, self.weight, self.bias, self.eps)
+        else:
+            y, mean, std = _Pono.apply(x, self.weight, self.bias, self.eps)
         self.last_mean, self.last_std = mean, std
         if self.return_moments:
             return y, mean, std

@@ -49,7 +49,7 @@ from ._common import (
     init_batch_layer,
     split_gpus,
 )
-from ._fused import stats_affine, var_mean
+from ._fused import compiling, stats_affine, var_mean
 
 __all__ = ["SwitchableNorm2d", "switchable_importance", "reestimate_batch_average"]
 
@@ -155,8 +155,7 @@ class SwitchableNorm2d(NormLayer, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(self.norm_name, x, self.num_channels)
         N, C, H, W = x.shape
-        with torch.no_grad():
-            v_in, m_in, scratch = var_mean(x, (2, 3), return_scratch=True)  # (N, C, 1, 1), biased; one pass
+        v_in, m_in, scratch = var_mean(x, (2, 3), return_scratch=True)  # (N, C, 1, 1), biased; one pass
         bn_mean = bn_var = None
         k = 0
         if self.use_bn:
@@ -166,7 +165,8 @@ class SwitchableNorm2d(NormLayer, nn.Module):
                 )
                 self._update_running(m_in, v_in, k, n, m)
             else:
-                if self.inference == "batch_average" and self._stale_batch_average:
+                # (a warning would split a compiled graph; the trainer re-estimates before every evaluation)
+                if self.inference == "batch_average" and self._stale_batch_average and not compiling():
                     warnings.warn(
                         "sn: inference='batch_average' but the BN-part statistics were not re-estimated "
                         "since the last training step; call normbench.norms.reestimate_batch_average "
