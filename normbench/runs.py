@@ -57,6 +57,7 @@ NON_IDENTIFYING = (
     "bn_eval",
     "fast.channels_last",
     "fast.compile",
+    "fast.cuda_graphs",
     "fast.cudnn_benchmark",
     "data.root",
     "data.download",

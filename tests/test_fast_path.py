@@ -87,10 +87,31 @@ def test_auto_switches_are_off_on_the_cpu_and_on_for_cuda():
         "amp": "none",
         "channels_last": False,
         "compile": False,
+        "cuda_graphs": False,
         "cudnn_benchmark": True,
     }
-    assert fast_settings(config, torch.device("cuda"))["amp"] == "bf16"
-    assert fast_settings(config, torch.device("cuda"))["channels_last"] is True
+    on_cuda = fast_settings(config, torch.device("cuda"))
+    assert (on_cuda["amp"], on_cuda["channels_last"], on_cuda["compile"], on_cuda["cuda_graphs"]) == (
+        "bf16",
+        True,
+        True,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["fast.cuda_graphs=true"], "needs a CUDA device"),
+        (["fast.cuda_graphs=true", "fast.compile=false", "device=cpu"], "needs a CUDA device"),
+        (["fast.compile=maybe"], "fast.compile='maybe' must be auto, true or false"),
+    ],
+)
+def test_bad_fast_switches_fail_in_one_line(overrides, match):
+    from normbench.train import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        train(compose(TINY + overrides))
 
 
 def _epoch_rows(results_dir) -> list[dict]:

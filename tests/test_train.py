@@ -223,14 +223,56 @@ def test_every_norm_config_trains_through_the_pipeline(tmp_path, norm):
         assert sum(weights["mean"].values()) == pytest.approx(1.0)
 
 
-def test_compiled_training_matches_eager_within_float_error(tmp_path):
-    # torch.compile (inductor, C++ on the CPU) must train the same run: same directory, same numbers up to
-    # float reassociation
-    eager = _run(tmp_path / "eager", "epochs=1", "model.width=8")
-    compiled = _run(tmp_path / "compiled", "epochs=1", "model.width=8", "fast.compile=true")
+def test_compiled_training_matches_eager_without_recompiling(tmp_path, monkeypatch, caplog):
+    """torch.compile (inductor, C++ on the CPU) trains the same run: same directory, same numbers up to float
+    reassociation. Static shapes hold: a partial last evaluation batch (128 = 48 + 48 + 32 images) and the
+    switches between training, evaluation and the bn_eval passes recompile nothing (dynamo raises if they do)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    common = ("epochs=2", "model.width=8", "data.eval_batch=48")
+    eager = _run(tmp_path / "eager", *common)
+    with caplog.at_level("INFO", logger="normbench"):
+        compiled = _run(tmp_path / "compiled", *common, "fast.compile=true")
     assert compiled["status"] == "completed" and compiled["run_id"] == eager["run_id"]
+    assert "torch.compile: the first training step took" in caplog.text
     (a,), (b,) = _run_dirs(tmp_path / "eager"), _run_dirs(tmp_path / "compiled")
     assert json.loads((b / "env.json").read_text())["fast"]["compile"] is True
     wa, wb = _weights(a), _weights(b)
+    assert set(wa) == set(wb) and not any(k.startswith("_orig_mod.") for k in wb)  # the raw model's keys
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-4, msg=key)
+    for key in ("top1_error_final", "top5_error_final"):  # the padded evaluation counts the same images
+        assert abs(compiled[key] - eager[key]) <= 2 * 100 / 128, key
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("first,then", [("true", "false"), ("false", "true")])
+def test_a_checkpoint_resumes_across_compiled_and_eager(tmp_path, monkeypatch, first, then):
+    """Interrupted after epoch 1 (a KeyboardInterrupt in epoch 2's evaluation), trained one way, resumed the
+    other: the final weights equal an uninterrupted eager run's up to float reassociation."""
+    import normbench.train as trainer
+
+    torch._dynamo.reset()
+    common = ("epochs=2", "model.width=8")
+    _run(tmp_path / "ref", *common)
+    reference = _weights(_run_dirs(tmp_path / "ref")[0])
+    real_evaluate, calls = trainer.evaluate, []
+
+    def interrupt_second_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", interrupt_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "run", *common, f"fast.compile={first}")
+    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
+    resumed = _run(tmp_path / "run", *common, f"fast.compile={then}")
+    assert resumed["status"] == "completed" and resumed["outcome"] == "resumed"
+    weights = _weights(_run_dirs(tmp_path / "run")[0])
+    for key in reference:
+        torch.testing.assert_close(weights[key], reference[key], rtol=1e-3, atol=1e-4, msg=key)
+    torch._dynamo.reset()
