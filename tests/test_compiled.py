@@ -43,6 +43,11 @@ needs_cxx = pytest.mark.skipif(
 )
 
 
+ON_CPU_AND_CUDA = pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=needs_cxx), pytest.param("cuda", marks=pytest.mark.gpu)]
+)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
@@ -51,8 +56,9 @@ def _fresh_dynamo():
 
 
 # ---- one graph, and parity with eager, for every setting ---------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", COMPILED)
-def test_every_layer_traces_into_one_graph_and_matches_eager(name):
+def test_every_layer_traces_into_one_graph_and_matches_eager(name, device):
     failures = []
     for training, channels_last, bf16 in itertools.product([True, False], [False, True], [False, True]):
         torch._dynamo.reset()
@@ -64,15 +70,15 @@ def test_every_layer_traces_into_one_graph_and_matches_eager(name):
         with torch.no_grad():
             for p in model[1].parameters():
                 p.add_(torch.randn_like(p) * 0.3)
-        model.train(training)
-        x = torch.randn(8, 3, 6, 6)
+        model = model.to(device).train(training)
+        x = torch.randn(8, 3, 6, 6, device=device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         eager = copy.deepcopy(model)
 
         def step(m, x, bf16=bf16):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 return m(x)
 
         setting = f"{name} {'train' if training else 'eval'} {'channels_last' if channels_last else 'NCHW'} " + (
@@ -80,7 +86,7 @@ def test_every_layer_traces_into_one_graph_and_matches_eager(name):
         )
         # fullgraph=True: a graph break anywhere (forward or the traced backward) raises here
         y = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=False)(model, x)
-        upstream = torch.randn(y.shape)
+        upstream = torch.randn(y.shape, device=device)
         (y.float() * upstream).sum().backward()
         y_eager = step(eager, x)
         (y_eager.float() * upstream).sum().backward()
@@ -107,7 +113,8 @@ def _bn_eval(x, w, b, rm, rv, eps=1e-5):
 
 def _running_after(rm, rv, x, n):
     """Per-GPU BN's running statistics after one step: the average over GPUs of each GPU's usual update."""
-    _, means, uvars = ref_bn_train(x, torch.ones(x.shape[1], dtype=x.dtype), torch.zeros(x.shape[1], dtype=x.dtype), n)
+    ones = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+    _, means, uvars = ref_bn_train(x, ones, torch.zeros_like(ones), n)
     return (1 - MOMENTUM) * rm + MOMENTUM * means.mean(0), (1 - MOMENTUM) * rv + MOMENTUM * uvars.mean(0)
 
 
@@ -179,18 +186,18 @@ def _layer(name, channels_last):
     return layer.to(memory_format=torch.channels_last) if channels_last else layer
 
 
-@needs_cxx
+@ON_CPU_AND_CUDA
 @pytest.mark.parametrize(
     "name,channels_last", [(n, False) for n in COMPILED] + [(n, True) for n in ("bn", "sn", "brn", "pono")]
 )
-def test_compiled_layer_matches_float64_formula(name, channels_last):
-    layer = _layer(name, channels_last)
+def test_compiled_layer_matches_float64_formula(name, channels_last, device):
+    layer = _layer(name, channels_last).to(device)
     compiled = torch.compile(layer, backend="inductor", fullgraph=True, dynamic=False)
     for training in (True, False):
         layer.train(training)
         for p in layer.parameters():
             p.grad = None
-        x = rand(8, 4, 3, 3, seed=11)
+        x = rand(8, 4, 3, 3, seed=11).to(device)
         x = x * 2.0 + 1.0  # an offset and a spread, so the mean and the variance both matter
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -198,7 +205,7 @@ def test_compiled_layer_matches_float64_formula(name, channels_last):
         x_ref = x.detach().clone().requires_grad_(True)
         params = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
         buffers = {k: v.detach().clone() for k, v in layer.named_buffers() if v.is_floating_point()}
-        upstream = rand(8, 4, 3, 3, seed=12)
+        upstream = rand(8, 4, 3, 3, seed=12).to(device)
         y = compiled(x)
         ref, expected_buffers = _reference(name, x_ref, params, buffers, training)
         where = f"{name} {'train' if training else 'eval'}"
