@@ -10,11 +10,24 @@ every row carries its ratio to BN at the same batch in the same run, and a "per 
 throughput at each small per-GPU batch with the same norm's at the reference batch (32, else the largest).
 Issue target: at 8x2 images per step, bn and gn keep >= 0.5x their own 8x32 throughput.
 
+``--mode`` picks how the step runs: ``eager``, ``compiled`` (torch.compile of the step's forward and loss, as
+``normbench train fast.compile=true`` does: the trainer's own ``make_steps``) or ``cuda_graphs`` (the same, captured
+with CUDA graphs: ``fast.cuda_graphs=true``). Three baseline rows at the reference batch come with every run
+(``--no-baselines`` drops them), in the same mode and the same interleaved rounds:
+  plain_bn@G*R    the same model with ``nn.BatchNorm2d`` over the whole step's G*R images (for resnet50:
+                  torchvision's resnet50 as everyone runs it, batch 256): what per-GPU BN is measured against
+  hand_loop bn    a minimal hand-written loop (forward, loss, zero_grad, backward, SGD step) on the per-GPU BN model
+  trainer bn      normbench's own ``train_one_epoch`` on the same model, data and optimizer: ``trainer / hand_loop``
+                  is the trainer's overhead (target >= 0.95x)
+``--json FILE`` merges this run's figures into FILE in the layout of results/benchmarks/gpu.json (one section per
+model: images/s for resnet50, epoch seconds of 50,000 images for cifar_resnet20).
+
     python scripts/bench_train.py                          # CPU: cifar_resnet8 28x28, bn,gn,sn at 8x32 and 8x2
     python scripts/bench_train.py --ci                     # seconds: a width-4 ResNet-8 on 8x8 images
     python scripts/bench_train.py --device cuda            # GPU: resnet50 224x224, bf16, channels_last
     python scripts/bench_train.py --model resnet50 --norms bn,gn,sn,gn:groups=16 --per-gpu-batch 32,8,2 \\
-        --amp bf16 --channels-last --compile --out results/benchmarks/h100_resnet50
+        --amp bf16 --channels-last --mode compiled --out results/benchmarks/h100_resnet50
+    python scripts/bench_train.py --device cuda --mode cuda_graphs --json results/benchmarks/gpu.json
 
 A norm is ``name`` or ``name:key=value:key=value`` (options of normbench.norms.norm_options(name)); ``groups``
 defaults to the model config's ``norm_groups`` as in configs/norm/gn.yaml. ``--out PATH`` writes PATH.md and
@@ -25,6 +38,7 @@ git commit and every timing sample.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import statistics
 import sys
@@ -94,6 +108,8 @@ DEFAULTS = {
     ),
 }
 IMAGENET_MODELS = ("resnet50", "resnet18", "timm")
+MODES = ("eager", "compiled", "cuda_graphs")
+CIFAR_EPOCH = 50_000  # images in a CIFAR-10 training epoch: cifar_resnet20's gpu.json figure is seconds per epoch
 
 
 # ---- arguments ---------------------------------------------------------------------------------------------------
@@ -142,7 +158,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="channels_last model and input (default on for cuda, off on cpu: torch 2.14's cpu "
         "channels_last conv backward corrupts the heap on 4-channel layers)",
     )
-    ap.add_argument("--compile", action="store_true", help="torch.compile every model (warm-up compiles)")
+    ap.add_argument(
+        "--mode",
+        choices=MODES,
+        default="eager",
+        help="eager | compiled (the trainer's compiled step) | cuda_graphs (compiled + CUDA graphs); warm-up compiles",
+    )
+    ap.add_argument("--compile", action="store_true", help="the same as --mode compiled")
+    ap.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the plain_bn, hand_loop and trainer rows at the reference batch (default on)",
+    )
+    ap.add_argument("--json", help="merge the figures into this gpu.json-style file")
     ap.add_argument("--repeats", type=int, help="timed rounds per (norm, batch); the median is reported")
     ap.add_argument("--steps", type=int, help="training steps per timed round")
     ap.add_argument("--warmup", type=int, help="untimed steps per (norm, batch) before timing")
@@ -157,8 +186,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
 
+    if args.compile:
+        args.mode = "compiled"
+    args.compile = args.mode != "eager"
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.mode == "cuda_graphs" and args.device != "cuda":
+        ap.error("--mode cuda_graphs needs --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available; use --device cpu")
     preset = DEFAULTS["ci" if args.ci else args.device]
@@ -222,35 +256,78 @@ def layer_options(name: str, options: dict, per_gpu_batch: int, model_cfg) -> di
 
 
 class Runner:
-    """One (norm, per-GPU batch) pair: its model, optimizer and synthetic batch; ``run(n)`` times n steps."""
+    """One row at one per-GPU batch: its model, optimizer and synthetic batch; ``run(n)`` times n steps.
 
-    def __init__(self, args, cfg, label, name, options, per_gpu_batch, device):
-        self.label, self.per_gpu_batch = label, per_gpu_batch
+    ``kind``: ``norm`` (the trainer's step function for the norm, in ``args.mode``), ``plain_bn`` (nn.BatchNorm2d,
+    the same step function), ``hand_loop`` (the minimal loop, the model compiled as in ``args.mode``) or
+    ``trainer`` (normbench.train.train_one_epoch over the same batch)."""
+
+    def __init__(self, args, cfg, label, name, options, per_gpu_batch, device, kind="norm"):
+        from normbench.train import make_steps
+
+        self.label, self.per_gpu_batch, self.kind = label, per_gpu_batch, kind
         self.images_per_step = args.gpus * per_gpu_batch
-        self.options = layer_options(name, options, per_gpu_batch, cfg)
-        self.device = device
+        self.options = {} if kind == "plain_bn" else layer_options(name, options, per_gpu_batch, cfg)
+        self.device, self.args = device, args
         self.samples: list[float] = []
         self.loss = float("nan")
         torch.manual_seed(0)
-        model = build_model(cfg, norm_layer(name, **self.options), args.num_classes, args.in_channels)
+        layer = torch.nn.BatchNorm2d if kind == "plain_bn" else norm_layer(name, **self.options)
+        model = build_model(cfg, layer, args.num_classes, args.in_channels)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=fmt).train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-        self.forward = torch.compile(self.model) if args.compile else self.model
         gen = torch.Generator().manual_seed(1)
         shape = (self.images_per_step, args.in_channels, args.image_size, args.image_size)
         self.images = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=fmt)
         self.labels = torch.randint(0, args.num_classes, (self.images_per_step,), generator=gen).to(device)
         amp = {"bf16": torch.bfloat16}.get(args.amp)
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+        fast = {"compile": args.mode != "eager", "cuda_graphs": args.mode == "cuda_graphs"}
+        self.cuda_graphs = fast["cuda_graphs"]
+        self.forward_loss, _ = make_steps(self.model, self.model, fast, self.autocast)
+        if kind == "hand_loop":
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            self.forward = torch.compile(self.model, dynamic=False, mode=mode) if fast["compile"] else self.model
+        if kind == "trainer":
+            self._trainer_setup(fast)
+
+    def _trainer_setup(self, fast) -> None:
+        from normbench import distributed
+        from normbench.train import Loop
+
+        self.loop = Loop(
+            device=self.device,
+            dist=distributed.Dist(),
+            raw_model=self.model,
+            channels_last=self.args.channels_last,
+            sync_buffers_every_step=False,
+            show_progress=False,
+            amp_dtype={"bf16": torch.bfloat16}.get(self.args.amp),
+            scaler=torch.amp.GradScaler(self.device.type, enabled=False),
+            forward_loss=self.forward_loss,
+            eval_forward=None,
+            compiled=fast["compile"],
+            cuda_graphs=fast["cuda_graphs"],
+            first_epoch=-1,  # no compile-time log line from the benchmark's epochs
+        )
+        self.trainer_cfg = OmegaConf.create(
+            {"gpus": self.args.gpus, "per_gpu_batch": self.per_gpu_batch, "epochs": 1, "logger": {"check_every": 50}}
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
 
     def step(self) -> torch.Tensor:
-        with self.autocast():
-            loss = F.cross_entropy(self.forward(self.images), self.labels)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.kind == "hand_loop":  # nothing but the five calls every PyTorch tutorial writes
+            with self.autocast():
+                loss = F.cross_entropy(self.forward(self.images), self.labels)
+        else:
+            loss = self.forward_loss(self.images, self.labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss
+        return loss.detach().clone() if self.cuda_graphs else loss
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -260,6 +337,14 @@ class Runner:
         """Seconds for `steps` steps, the device synchronized before and after."""
         self.sync()
         start = time.perf_counter()
+        if self.kind == "trainer":
+            from normbench.train import train_one_epoch
+
+            loader = _RepeatedBatch(self.images, self.labels, steps)
+            row = train_one_epoch(self.model, loader, self.optimizer, self.scheduler, 0, self.trainer_cfg, self.loop)
+            self.sync()
+            self.loss = row["train_loss"]
+            return time.perf_counter() - start
         for _ in range(steps):
             loss = self.step()
         self.sync()
@@ -269,16 +354,36 @@ class Runner:
 
     def release(self) -> None:
         """Free the model, optimizer state and batch (between rounds they would only take memory)."""
-        self.model = self.forward = self.optimizer = self.images = self.labels = None
+        self.model = self.forward = self.forward_loss = self.optimizer = self.images = self.labels = None
+        self.loop = None
+
+
+class _RepeatedBatch:
+    """A loader of ``steps`` copies of one batch, with the interface train_one_epoch reads."""
+
+    def __init__(self, images, labels, steps):
+        self.images, self.labels, self.steps = images, labels, steps
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return ((self.images, self.labels) for _ in range(self.steps))
 
 
 def measure(args, device, log) -> dict:
     cfg = model_config(args)
-    pairs = [(label, name, opts, b) for label, name, opts in args.norm_specs for b in args.batches]
+    pairs = [(label, name, opts, b, "norm") for label, name, opts in args.norm_specs for b in args.batches]
+    reference = REFERENCE_BATCH if REFERENCE_BATCH in args.batches else max(args.batches)
+    if args.baselines:
+        pairs += [(label, BASELINE, {}, reference, kind) for label, kind in baseline_rows(args, reference)]
     runners, failed = [], {}
-    for label, name, opts, b in pairs:
+    for label, name, opts, b, kind in pairs:
         try:
-            runner = Runner(args, cfg, label, name, opts, b, device)
+            runner = Runner(args, cfg, label, name, opts, b, device, kind)
             runner.run(args.warmup) if args.warmup else None
             runners.append(runner)
             log(f"  built + warmed up {label} at {args.gpus}x{b}")
@@ -316,7 +421,6 @@ def measure(args, device, log) -> dict:
             {"norm": label, "per_gpu_batch": b, "images_per_step": args.gpus * b, "images_per_s": None, "error": why}
         )
     by_key = {(r["norm"], r["per_gpu_batch"]): r for r in results}
-    reference = REFERENCE_BATCH if REFERENCE_BATCH in args.batches else max(args.batches)
     for r in results:
         base = by_key.get((BASELINE, r["per_gpu_batch"]), {}).get("images_per_s")
         ref = by_key.get((r["norm"], reference), {}).get("images_per_s")
@@ -324,6 +428,15 @@ def measure(args, device, log) -> dict:
         r["vs_bn"] = ips / base if ips and base else None
         r["per_image_vs_reference"] = ips / ref if ips and ref else None
     return {"results": results, "reference_batch": reference}
+
+
+def baseline_rows(args, reference: int) -> list[tuple[str, str]]:
+    """(label, kind) of the baseline rows, all at the reference per-GPU batch."""
+    return [
+        (f"plain_bn@{args.gpus * reference}", "plain_bn"),
+        ("hand_loop bn", "hand_loop"),
+        ("trainer bn", "trainer"),
+    ]
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -336,7 +449,7 @@ def render(args, device, measured: dict) -> tuple[str, str, list[str]]:
     dtype = "bf16 autocast" if args.amp == "bf16" else "float32"
     header = (
         f"bench_train | device: {device_name(device)} | torch {torch.__version__} | dtype {dtype} | "
-        f"channels_last {'on' if args.channels_last else 'off'} | compile {'on' if args.compile else 'off'}"
+        f"channels_last {'on' if args.channels_last else 'off'} | mode {args.mode}"
     )
     model = args.model + (f" ({args.timm_name})" if args.timm_name else "")
     ref = measured["reference_batch"]
@@ -353,7 +466,10 @@ def render(args, device, measured: dict) -> tuple[str, str, list[str]]:
         "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|",
     ]
     by_key = {(r["norm"], r["per_gpu_batch"]): r for r in measured["results"]}
-    for label, _, _ in args.norm_specs:
+    labels = [label for label, _, _ in args.norm_specs]
+    if args.baselines:
+        labels += [label for label, _ in baseline_rows(args, ref)]
+    for label in labels:
         cells = [label]
         for b in args.batches:
             r = by_key.get((label, b), {})
@@ -384,6 +500,17 @@ def render(args, device, measured: dict) -> tuple[str, str, list[str]]:
                     f"target: {name} at {g}x{small} >= {threshold}x its {g}x{ref} images/s: "
                     f"{value:.3f}x {'ok' if value >= threshold else 'MISSED'}"
                 )
+    if args.baselines:
+        ips = lambda label: by_key.get((label, ref), {}).get("images_per_s")  # noqa: E731
+        trainer, hand, bn = ips("trainer bn"), ips("hand_loop bn"), ips(BASELINE)
+        plain = ips(f"plain_bn@{g * ref}")
+        if trainer and hand:
+            targets.append(
+                f"target: trainer bn >= 0.95x hand_loop bn at {g}x{ref}: {trainer / hand:.3f}x "
+                f"{'ok' if trainer / hand >= 0.95 else 'MISSED'}"
+            )
+        if bn and plain:
+            targets.append(f"per-GPU bn at {g}x{ref} / plain_bn@{g * ref}: {bn / plain:.3f}x (GPU target >= 0.9)")
     return header, "\n".join(lines), targets
 
 
@@ -423,7 +550,45 @@ def main(argv=None) -> int:
     if args.out:
         for path in write_outputs(args, device, header, table, targets, measured):
             print(f"wrote {path}")
+    if args.json:
+        print(f"wrote {write_gpu_json(args, device, measured)}")
     return 0
+
+
+def write_gpu_json(args, device, measured) -> pathlib.Path:
+    """Merge this run into ``args.json`` (results/benchmarks/gpu.json's layout): this run's figures replace the
+    same keys of the model's section, everything else is kept, so one file gathers a GPU session's runs."""
+    import datetime
+
+    from normbench.runs import git_state
+
+    path = pathlib.Path(args.json)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(
+        device=device_name(device),
+        date=datetime.date.today().isoformat(),
+        commit=git_state().get("commit"),
+        torch=torch.__version__,
+    )
+    figures = {}
+    for r in measured["results"]:
+        if r.get("images_per_s") is None:
+            continue
+        key = r["norm"] if r["norm"].startswith("plain_bn@") else f"{r['norm']}@{args.gpus}x{r['per_gpu_batch']}"
+        figures[key] = r["images_per_s"]
+    # runs of one model in several modes (8x32 compiled, 8x2 with CUDA graphs) add up: each figure keeps its mode
+    section = data.get(args.model, {})
+    key = "epoch_s" if args.model == "cifar_resnet20" else "img_per_s"
+    if args.model == "cifar_resnet20":
+        figures = {k: CIFAR_EPOCH / v for k, v in figures.items()}
+    section[key] = {**section.get(key, {}), **figures}
+    section["modes"] = {**section.get("modes", {}), **dict.fromkeys(figures, args.mode)}
+    section["compiled"] = all(m != "eager" for m in section["modes"].values())
+    section["cuda_graphs"] = any(m == "cuda_graphs" for m in section["modes"].values())
+    data[args.model] = section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
 
 
 if __name__ == "__main__":

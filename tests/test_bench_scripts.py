@@ -52,7 +52,11 @@ def test_bench_train_ci_smoke_bn_against_itself_is_1x(tmp_path):
     assert header == "| norm | 2x4 img/s | vs BN | 2x2 img/s | vs BN | per image vs 2x4 |"
     assert sum(line.startswith("| norm ") for line in lines) == 1  # ONE table
     rows = _table_rows(proc.stdout)
-    assert list(rows) == ["bn", "gn", "sn"]
+    assert list(rows) == ["bn", "gn", "sn", "plain_bn@8", "hand_loop bn", "trainer bn"]
+    baselines = {k: rows.pop(k) for k in ("plain_bn@8", "hand_loop bn", "trainer bn")}
+    for cells in baselines.values():  # measured at the reference batch only
+        assert float(cells[0]) > 0 and float(cells[1]) > 0 and cells[2:] == ["-", "-", "-"]
+    assert any(line.startswith("target: trainer bn >= 0.95x hand_loop bn at 2x4: ") for line in lines)
     bn = rows["bn"]
     assert bn[1] == "1.00" and bn[3] == "1.00"  # BN's ratio to BN at every batch
     for name, cells in rows.items():
@@ -67,12 +71,50 @@ def test_bench_train_ci_smoke_bn_against_itself_is_1x(tmp_path):
     assert data["torch"] == _torch_version() and data["device"] == "cpu" and "commit" in data["git"]
     assert data["args"]["ci"] is True and data["args"]["model"] == "cifar_resnet8"
     results = {(r["norm"], r["per_gpu_batch"]): r for r in data["results"]}
-    assert set(results) == {(n, b) for n in ("bn", "gn", "sn") for b in (4, 2)}
+    assert set(results) == {(n, b) for n in ("bn", "gn", "sn") for b in (4, 2)} | {
+        (n, 4) for n in ("plain_bn@8", "hand_loop bn", "trainer bn")
+    }
+    assert results[("plain_bn@8", 4)]["layer_options"] == {}  # nn.BatchNorm2d: no per-GPU statistics
+    results = {k: r for k, r in results.items() if k[0] in ("bn", "gn", "sn")}
     for (name, b), r in results.items():
         assert len(r["samples"]) == 3 and r["images_per_step"] == 2 * b
         assert ("per_gpu_batch" in r["layer_options"]) == (name in ("bn", "sn"))  # only layers that take it
         assert r["layer_options"].get("per_gpu_batch", b) == b
     assert results[("bn", 2)]["vs_bn"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_train_compiled_mode_and_gpu_json_merge(tmp_path):
+    """--mode compiled runs the trainer's compiled step (and compiles the hand loop's model); --json merges one
+    model's section into the file and keeps the others (a GPU session's ResNet-50 and CIFAR runs)."""
+    gpu_json = tmp_path / "gpu.json"
+    gpu_json.write_text(json.dumps({"cifar_resnet20": {"epoch_s": {"bn@8x32": 1.0}}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = ["--ci", "--quiet", "--mode", "compiled", "--norms", "bn", "--per-gpu-batch", "4", "--repeats", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--json", str(gpu_json)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| mode compiled" in proc.stdout.splitlines()[0]
+    data = json.loads(gpu_json.read_text())
+    assert data["cifar_resnet20"] == {"epoch_s": {"bn@8x32": 1.0}}  # another model's section is kept
+    section = data["cifar_resnet8"]
+    assert section["compiled"] is True and section["cuda_graphs"] is False
+    assert set(section["modes"].values()) == {"compiled"}
+    assert set(section["img_per_s"]) == {"bn@2x4", "plain_bn@8", "hand_loop bn@2x4", "trainer bn@2x4"}
+    assert all(v > 0 for v in section["img_per_s"].values())
+    assert data["torch"] == _torch_version() and data["date"] and "device" in data
+
+
+def test_bench_train_cuda_graphs_mode_needs_cuda():
+    bench = _load_script()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--mode", "cuda_graphs"])
 
 
 def _torch_version() -> str:
