@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from normbench import bn_eval, distributed, runs
+from normbench.config import ConfigError, validate  # noqa: F401 -- ConfigError re-exported: callers import it from here
 from normbench.data import DataError, build_data
 from normbench.models import build_model
 from normbench.norms import (
@@ -43,48 +44,7 @@ from normbench.tracking import Tracker, progress
 log = logging.getLogger("normbench")
 
 
-class ConfigError(ValueError):
-    """A bad setting: one line naming the problem and the fix; raised before any file is written."""
-
-
 # ---- configuration ------------------------------------------------------------------------------------------
-def _positive_int(config: dict, key: str) -> None:
-    value = config[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}; e.g. {key}=8")
-
-
-def validate(config: dict) -> None:
-    for key in ("gpus", "per_gpu_batch", "epochs", "reference_batch"):
-        _positive_int(config, key)
-    if not isinstance(config["base_lr"], (int, float)) or config["base_lr"] <= 0:
-        raise ConfigError(f"base_lr must be a positive number, got {config['base_lr']!r}")
-    schedule = config["schedule"]
-    if schedule["name"] not in ("step", "cosine"):
-        raise ConfigError(f"schedule.name={schedule['name']!r} is unknown; use schedule.name=step or cosine")
-    milestones = list(schedule["milestones"])
-    if milestones != sorted(milestones) or any(not 0 < m < 1 for m in milestones):
-        raise ConfigError(f"schedule.milestones={milestones} must be increasing fractions of training in (0, 1)")
-    if not 0 <= schedule["warmup_epochs"] < config["epochs"]:
-        raise ConfigError(
-            f"schedule.warmup_epochs={schedule['warmup_epochs']} must be in [0, epochs={config['epochs']})"
-        )
-    if config["logger"]["wandb"]["mode"] not in ("offline", "online", "disabled"):
-        raise ConfigError("logger.wandb.mode must be offline, online or disabled")
-    bn_eval_cfg = config["bn_eval"]
-    if not isinstance(bn_eval_cfg["enabled"], bool):
-        raise ConfigError(f"bn_eval.enabled={bn_eval_cfg['enabled']!r} must be true or false")
-    images = bn_eval_cfg["precise_bn_images"]
-    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
-        raise ConfigError(f"bn_eval.precise_bn_images={images!r} must be a positive integer, e.g. 8192")
-    fast = config["fast"]
-    if fast["amp"] not in ("auto", "none", "bf16", "fp16"):
-        raise ConfigError(f"fast.amp={fast['amp']!r} is unknown; use auto, none, bf16 or fp16")
-    for key in ("channels_last", "compile"):
-        if fast[key] not in ("auto", True, False):
-            raise ConfigError(f"fast.{key}={fast[key]!r} must be auto, true or false")
-
-
 TRAINER_NORM_KEYS = ("name", "reestimate_batches")  # read by the trainer, not passed to the layer
 
 
