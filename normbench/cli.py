@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    from normbench.runs import mark_command_start
+
+    mark_command_start()  # force=true retrains results older than this command, never one a worker just made
     if command == "report":
         return _report(rest)
     if command in ("train", "sweep"):

@@ -391,6 +391,49 @@ def load_checkpoint(path: Path, map_location) -> dict | None:
     return state
 
 
+# ---- force=true: results older than this sweep -----------------------------------------------------------
+FORCE_SINCE_ENV = "NORMBENCH_FORCE_SINCE"  # when this command started: set by `normbench`, inherited by its jobs
+
+
+def mark_command_start() -> None:
+    """Note when this command started, for every run it launches (in process, or as submitit/SLURM jobs, which
+    inherit the environment); a command launched from it (torchrun's ranks, a requeued job) keeps the first."""
+    os.environ.setdefault(FORCE_SINCE_ENV, repr(time.time()))
+
+
+def command_start() -> float:
+    """When this command started (mark_command_start), else now: force=true then retrains what exists."""
+    try:
+        return float(os.environ[FORCE_SINCE_ENV])
+    except (KeyError, ValueError):
+        return time.time()
+
+
+def finished_during_this_command(directory: Path) -> bool:
+    """A result.json written since this command started: under force=true another worker of the same sweep (or
+    this one) already retrained the run, and it is not trained again."""
+    try:
+        return (Path(directory) / "result.json").stat().st_mtime >= command_start()
+    except OSError:
+        return False
+
+
+def skip_finished(directory: Path, d, device, force: bool, quiet: bool = False) -> dict | None:
+    """The result to return instead of training: a finished run; under force=true only one finished since this
+    command started ("force" means: results older than this sweep)."""
+    from normbench import distributed
+
+    if not force:
+        return finished_on_main(directory, d, device, quiet=quiet)
+    fresh = d.is_main and finished_during_this_command(directory)
+    if not distributed.broadcast_flag(fresh, d, device):
+        return None
+    finished = finished_on_main(directory, d, device, quiet=True)
+    if finished and not quiet:
+        log.info("skip %s: force=true, but it was trained again since this command started", directory)
+    return finished
+
+
 def set_aside_finished(directory: Path) -> Path:
     """force=true: move a finished run's files into a sibling directory NAME.replaced-TIMESTAMP (kept, never
     deleted) so it is trained again from scratch. The lock file stays: the caller holds it."""

@@ -207,7 +207,7 @@ def train(cfg: DictConfig) -> dict:
     force = bool(config.get("force", False))
     if d.is_main:
         runs.check_writable(Path(config["results_dir"]))
-    if not force and (finished := runs.finished_on_main(directory, d, device)):
+    if finished := runs.skip_finished(directory, d, device, force):
         return finished
 
     torch.backends.cudnn.benchmark = fast["cudnn_benchmark"]
@@ -237,12 +237,11 @@ def train(cfg: DictConfig) -> dict:
         log.info("skip %s: another process is training it", directory)
         return {"status": "running", "outcome": "busy", "run_dir": str(directory)}
     try:
-        if finished := runs.finished_on_main(directory, d, device, quiet=True):  # another sweep may have finished it
-            if not force:
-                return finished
-            if d.is_main:
-                aside = runs.set_aside_finished(directory)
-                log.info("force=true: the finished run was moved to %s; training it again", aside)
+        if finished := runs.skip_finished(directory, d, device, force, quiet=True):  # finished by another worker?
+            return finished
+        if force and d.is_main and runs.finished_result(directory):
+            aside = runs.set_aside_finished(directory)
+            log.info("force=true: the finished run was moved to %s; training it again", aside)
         return _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler)
     finally:
         if lock:

@@ -137,6 +137,7 @@ class NormbenchSweeper(BasicSweeper):
         BasicSweeper.validate_batch_is_legal does)."""
         from omegaconf.errors import OmegaConfBaseException
 
+        from normbench import runs
         from normbench.config import validate
 
         planned = []
@@ -152,7 +153,7 @@ class NormbenchSweeper(BasicSweeper):
                 planned.append((" ".join(job), f"bad config: {str(err).splitlines()[0]}", None))  # it fails on it
                 continue
             state = run_state(directory)
-            if state == "done" and cfg.get("force"):
+            if state == "done" and cfg.get("force") and not runs.finished_during_this_command(directory):
                 state = "redo"  # force=true: the finished run is set aside and trained again
             planned.append((directory.name, state, directory))
         return planned
