@@ -135,7 +135,19 @@ def _config_error(command: str, args: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from normbench.runs import Interrupted, interruption_exit_code, interruption_message, start_up_interrupts
+
+    start_up_interrupts()  # a signal during start-up: one line, not a traceback or a silent death
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except Interrupted as stop:  # before train() recorded anything, or outside a run (report, sweep planning)
+        command = argv[0] if argv else ""
+        print(f"normbench {command}: {interruption_message(stop)}", file=sys.stderr, flush=True)
+        return interruption_exit_code(stop)
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -11,8 +11,8 @@ Status (result.json `status`):
   completed    every epoch ran; the only status a report averages
   diverged     a non-finite training loss stopped it (a result too: the layer cannot train in that setting)
   failed       an exception; the message is recorded, the rerun resumes from the last checkpoint
-  interrupted  a signal (Ctrl-C, SIGTERM, SLURM's/submitit's SIGUSR2) or SystemExit stopped it; the rerun, or the
-               requeued job, resumes from the last finished epoch's checkpoint
+  interrupted  a signal (INTERRUPT_SIGNALS: Ctrl-C, SIGTERM, SIGHUP, SLURM's/submitit's SIGUSR2, ...) or SystemExit
+               stopped it; the rerun, or the requeued job, resumes from the last finished epoch's checkpoint
 Only completed and diverged runs are skipped when their command is run again. An interrupt does not checkpoint
 mid-epoch: the work since the last epoch boundary is redone on resume (an epoch is at most minutes here; on
 ImageNet give SLURM's signal a delay of more than one checkpoint write, not of an epoch).
@@ -434,6 +434,20 @@ def skip_finished(directory: Path, d, device, force: bool, quiet: bool = False) 
     return finished
 
 
+def begin_attempt(directory: Path) -> None:
+    """Under the run's lock, before anything else: clear what an attempt killed for good (SIGKILL, power loss)
+    left behind: its atomic writes' temporary files (up to a whole checkpoint each), and a result.json of an
+    unfinished earlier attempt, which would go on claiming how far the run got while this one trains."""
+    directory = Path(directory)
+    _recorded["status"] = None
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+        log.info("removed %s, left by an attempt that was killed while writing it", stale.name)
+    result = read_json(directory / "result.json")
+    if isinstance(result, dict) and result.get("status") in STATUSES and result["status"] not in FINAL_STATUSES:
+        (directory / "result.json").unlink(missing_ok=True)
+
+
 def set_aside_finished(directory: Path) -> Path:
     """force=true: move a finished run's files into a sibling directory NAME.replaced-TIMESTAMP (kept, never
     deleted) so it is trained again from scratch. The lock file stays: the caller holds it."""
@@ -508,14 +522,36 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+# Every signal a terminal (Ctrl-C, Ctrl-\\, a closed terminal or dropped ssh session: SIGHUP) or a scheduler
+# (SIGTERM, SLURM's --signal USR1/USR2, a CPU-time limit: SIGXCPU) sends to ask a process to end.
 INTERRUPT_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGXCPU")
+    if hasattr(signal, name)
 )
+_AT_DEFAULT = (signal.SIG_DFL, signal.default_int_handler)
+_before_start: dict[int, Any] = {}  # the handlers start_up_interrupts replaced
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def start_up_interrupts() -> None:
+    """From the command's first line, a signal raises Interrupted (one line, no traceback) instead of killing
+    the process in silence or printing a KeyboardInterrupt traceback; handlers set by someone else stay."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in INTERRUPT_SIGNALS:
+        previous = signal.getsignal(signum)
+        if previous in _AT_DEFAULT:
+            _before_start[signum] = previous
+            signal.signal(signum, _raise_interrupted)
 
 
 @contextmanager
 def interrupts_raise():
-    """Turn SIGINT/SIGTERM/SIGUSR1/SIGUSR2 into `Interrupted` while the run trains. A handler someone else
+    """Turn INTERRUPT_SIGNALS into `Interrupted` while the run trains. A handler someone else
     installed is left alone: under submitit, SIGUSR2 requeues the job and ends it with sys.exit (a SystemExit
     the run records as interrupted) and SIGTERM is deliberately ignored; a signal the parent set to be ignored
     stays ignored (a non-interactive shell starts `cmd &` with SIGINT ignored). The first signal restores the previous
@@ -523,8 +559,8 @@ def interrupts_raise():
     installed: dict[int, Any] = {}
 
     def restore() -> None:
-        for signum, previous in installed.items():
-            signal.signal(signum, previous)
+        for signum, previous in installed.items():  # to the default, so a second signal stops at once
+            signal.signal(signum, _before_start.get(signum, previous) if previous is _raise_interrupted else previous)
         installed.clear()
 
     def handler(signum, frame):
@@ -536,7 +572,7 @@ def interrupts_raise():
 
     if threading.current_thread() is threading.main_thread():
         for signum in INTERRUPT_SIGNALS:
-            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            if signal.getsignal(signum) in (*_AT_DEFAULT, _raise_interrupted):
                 installed[signum] = signal.signal(signum, handler)
     try:
         yield
@@ -560,6 +596,22 @@ def recording_epoch():
         pending, _deferred["pending"] = _deferred["pending"], None
     if pending is not None and not _deferred["depth"]:
         raise Interrupted(pending)
+
+
+_recorded: dict[str, Any] = {"status": None}  # the status this process last wrote to a result.json
+
+
+def write_result(directory: Path, result: dict) -> None:
+    write_json(Path(directory) / "result.json", result)
+    _recorded["status"] = result.get("status")
+
+
+def interruption_message(err: BaseException) -> str:
+    """What an interrupted command says: that the run is recorded as interrupted only when it is."""
+    name = interruption_name(err)
+    if _recorded["status"] == "interrupted":
+        return f"interrupted by {name}; the run is recorded as interrupted: rerun the same command to resume it"
+    return f"interrupted by {name} before the run recorded anything (no result.json): rerun the same command"
 
 
 def interruption_name(err: BaseException) -> str:

@@ -237,6 +237,8 @@ def train(cfg: DictConfig) -> dict:
         log.info("skip %s: another process is training it", directory)
         return {"status": "running", "outcome": "busy", "run_dir": str(directory)}
     try:
+        if d.is_main:
+            runs.begin_attempt(directory)  # stale temporaries and an earlier attempt's result.json
         if finished := runs.skip_finished(directory, d, device, force, quiet=True):  # finished by another worker?
             return finished
         if force and d.is_main and runs.finished_result(directory):
@@ -364,7 +366,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                 result["top1_error_by_eval"] = by_eval
             if d.is_main:
                 try:
-                    runs.write_json(directory / "result.json", result)
+                    runs.write_result(directory, result)
                 except OSError as err:  # the disk that stopped the run may not take its record either
                     log.warning("could not write %s: %s", directory / "result.json", err)
                 tracker.summary({k: v for k, v in result.items() if k.startswith("top")})
@@ -458,12 +460,7 @@ def main(cfg: DictConfig) -> dict:
         print(f"normbench train: error: {one_line(err)}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ConfigError) else 1)
     except (runs.Interrupted, KeyboardInterrupt) as stop:  # SystemExit (submitit's requeue) passes untouched
-        print(
-            f"normbench train: interrupted by {runs.interruption_name(stop)}; the run is recorded as "
-            "interrupted: rerun the same command to resume it",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"normbench train: {runs.interruption_message(stop)}", file=sys.stderr, flush=True)
         sys.exit(runs.interruption_exit_code(stop))
     finally:
         distributed.teardown()
