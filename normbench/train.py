@@ -311,7 +311,6 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                 row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, loop)}
                 # from here to metrics.jsonl a signal waits: history, checkpoint and metrics agree on the epochs
                 with runs.recording_epoch():
-                    history.append(row)
                     log.info(
                         "epoch %d/%d  loss %.4f  top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s  %.1fs",
                         epoch + 1,
@@ -332,11 +331,13 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                                 "scheduler": scheduler.state_dict(),
                                 "scaler": scaler.state_dict(),
                                 "epoch": epoch + 1,
-                                "history": history,
+                                "history": [*history, row],
                                 "resumes": resumes,
                                 "wall_time_s": wall_before + time.perf_counter() - started,
                             },
                         )
+                    history.append(row)  # only once its checkpoint is on disk: a failed write does not count it
+                    if d.is_main:
                         runs.write_metrics(directory / "metrics.jsonl", history)
             by_eval = _final_evaluations(cfg, model, data, loop, history)  # bn_eval (issue 12): after the last epoch
         except Diverged as stop:

@@ -473,3 +473,48 @@ def test_force_retrains_only_results_older_than_the_command(tmp_path):
     later = cli("train", *args, "force=true")  # a new command: the result is older than it, retrained
     assert later.returncode == 0 and "training it again" in later.stdout
     assert len(list(tmp_path.rglob("*.replaced-*"))) == 2
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mount = tmp_path / "fs"
+    if os.geteuid() != 0 or not _mount_tmpfs(mount, "size=64m"):
+        pytest.skip("needs root and tmpfs mounts to fill a real file system")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _used(path: Path) -> int:
+    stat = os.statvfs(path)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def test_a_failed_checkpoint_write_does_not_count_its_epoch(tmp_path, tmpfs):
+    args = [*TINY, "model.width=16", "logger.wandb.mode=disabled"]
+    # The same run on the same kind of file system, uninterrupted: its footprint and its numbers.
+    sizing = tmpfs / "sizing"
+    assert cli("train", *args, f"results_dir={sizing}").returncode == 0
+    reference_run = _run_dir(sizing)
+    used, checkpoint = _used(tmpfs), (reference_run / "checkpoint.pt").stat().st_size
+    shutil_copy = tmp_path / "reference"
+    subprocess.run(["cp", "-a", str(sizing), str(shutil_copy)], check=True)
+    subprocess.run(["rm", "-rf", str(sizing)], check=True)
+    # Room for everything that run wrote plus half a checkpoint: epoch 1's checkpoint fits, epoch 2's temporary
+    # file (written beside it, then renamed over it) does not.
+    free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
+    (tmpfs / "filler").write_bytes(b"\0" * (free - used - checkpoint // 2))
+    proc = cli("train", *args, f"results_dir={tmpfs / 'runs'}")
+    assert proc.returncode == 1, proc.stderr
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and "disk full" in lines[0], proc.stderr
+    run = _run_dir(tmpfs / "runs")
+    result = json.loads((run / "result.json").read_text())
+    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert result["status"] == "failed" and result["epochs_completed"] == saved["epoch"] == len(rows) == 1
+    assert not list(run.glob(".*.tmp"))
+    (tmpfs / "filler").unlink()  # space freed: the rerun resumes from the checkpoint to the uninterrupted numbers
+    rerun = cli("train", *args, f"results_dir={tmpfs / 'runs'}")
+    assert rerun.returncode == 0 and f"resume {run} from epoch 1" in rerun.stdout, rerun.stderr
+    expected = _result(shutil_copy)
+    assert _result(tmpfs / "runs")["top1_error_final"] == expected["top1_error_final"]
