@@ -207,6 +207,54 @@ def git_state(repo: Path | None = None) -> dict:
     return state
 
 
+def _code(state: dict) -> tuple:
+    return state.get("commit"), state.get("dirty"), tuple(state.get("dirty_paths") or ())
+
+
+class CodeHistory:
+    """Which code trained which epochs: ``[{commit, dirty, [dirty_paths], epochs: [first, last]}, ...]``, carried
+    in the checkpoint and written to result.json as ``code_history``. A run resumed under other code (another
+    commit, or other uncommitted changes) gets a new entry, and the log says so. A checkpoint from before this
+    record has one entry with commit None for the epochs it holds: their code is unknown, not assumed."""
+
+    def __init__(self, checkpoint: dict | None, start_epoch: int):
+        self.start = start_epoch
+        self.now = git_state()
+        earlier = (checkpoint or {}).get("code_history")
+        if isinstance(earlier, list) and earlier:
+            self.earlier = [dict(entry) for entry in earlier if entry["epochs"][0] <= start_epoch]
+            if self.earlier:
+                self.earlier[-1]["epochs"] = [self.earlier[-1]["epochs"][0], start_epoch]
+        else:
+            self.earlier = [{"commit": None, "dirty": None, "epochs": [1, start_epoch]}] if start_epoch else []
+        if self.earlier and _code(self.earlier[-1]) != _code(self.now):
+            log.warning(
+                "resuming from epoch %d under other code: epochs %d-%d were trained at %s, epochs from %d on are "
+                "trained at %s (both recorded in result.json's code_history)",
+                start_epoch,
+                *self.earlier[-1]["epochs"],
+                _describe(self.earlier[-1]),
+                start_epoch + 1,
+                _describe(self.now),
+            )
+
+    def through(self, epoch: int) -> list[dict]:
+        """The record for a run that has finished `epoch` epochs."""
+        entries = [dict(entry) for entry in self.earlier]
+        if epoch > self.start:
+            if entries and _code(entries[-1]) == _code(self.now):
+                entries[-1]["epochs"] = [entries[-1]["epochs"][0], epoch]
+            else:
+                entries.append({**self.now, "epochs": [self.start + 1, epoch]})
+        return entries
+
+
+def _describe(state: dict) -> str:
+    if state.get("commit") is None:
+        return "unknown code (a checkpoint from before code_history)" if state.get("dirty") is None else "no commit"
+    return f"{state['commit'][:10]}{' with uncommitted changes' if state.get('dirty') else ''}"
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:

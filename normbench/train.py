@@ -269,6 +269,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
         history, resumes = list(state["history"]), state.get("resumes", 0) + 1
         log.info("resume %s from epoch %d", directory, start_epoch)
     outcome = "resumed" if start_epoch else "completed"
+    code_history = runs.CodeHistory(state, start_epoch)  # every commit that trains part of the run
     if d.is_main:
         runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
         runs.write_text(directory / "overrides.yaml", OmegaConf.to_yaml(_command_line_overrides()))
@@ -332,6 +333,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                                 "scaler": scaler.state_dict(),
                                 "epoch": epoch + 1,
                                 "history": [*history, row],
+                                "code_history": code_history.through(epoch + 1),
                                 "resumes": resumes,
                                 "wall_time_s": wall_before + time.perf_counter() - started,
                             },
@@ -363,6 +365,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
             if run.status == "completed" and len(history) != cfg.epochs:  # never claim what did not run
                 run.end("failed", error=f"ended after {len(history)} of {cfg.epochs} epochs")
             result = _result(config, run, history, resumes, wall_before + time.perf_counter() - started, model)
+            result["code_history"] = code_history.through(len(history))
             if by_eval is not None:
                 result["top1_error_by_eval"] = by_eval
             if d.is_main:
