@@ -407,6 +407,7 @@ def _final_evaluations(cfg, model, data, loop: Loop, history) -> dict | None:
         forward=forward,
         dist=loop.dist,
         ema=history[-1]["top1_error"],
+        group_batch=cfg.gpus // loop.dist.world_size * cfg.per_gpu_batch,  # the training step's, not eval_batch
     )
     log.info(
         "top-1 err of the final model by evaluation: %s (%.1fs)",
