@@ -3,6 +3,22 @@
 __version__ = "0.1.0"
 
 
+def _running_as_the_command() -> bool:
+    """`normbench ...` or `python -m normbench.cli|normbench.train`: a process this package's command owns."""
+    import os
+    import sys
+
+    argv = getattr(sys, "orig_argv", sys.argv)
+    as_module = any(a == "-m" and b in ("normbench.cli", "normbench.train") for a, b in zip(argv, argv[1:]))
+    return as_module or os.path.basename(sys.argv[0]) == "normbench"
+
+
+if _running_as_the_command():  # first thing: a Ctrl-C while the imports run is one line, not a traceback
+    from normbench.runs import start_up_interrupts
+
+    start_up_interrupts()
+
+
 def _gpus_for(total_batch, per_gpu_batch) -> int:
     """`${gpus_for:64,${per_gpu_batch}}`: the GPU count that makes a fixed total batch (small presets)."""
     total, per_gpu = int(total_batch), int(per_gpu_batch)

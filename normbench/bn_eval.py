@@ -152,13 +152,16 @@ class regroup:
     (the few images a batch leaves over are carried into the next), so no group of ``per_gpu_batch`` test images
     is cut by the loader's batch size. Order and images unchanged."""
 
-    def __init__(self, loader, per_gpu_batch: int):
-        self.loader, self.per_gpu_batch = loader, per_gpu_batch
+    def __init__(self, loader, per_gpu_batch: int, batch: int | None = None):
+        self.loader, self.per_gpu_batch, self.batch = loader, per_gpu_batch, batch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        if self.batch:
+            yield from self._fixed()
+            return
         n, carry = self.per_gpu_batch, None
         for x, y in self.loader:
             if carry is not None:
@@ -169,6 +172,21 @@ class regroup:
                 yield x[:full], y[:full]
         if carry is not None:
             yield carry
+
+    def _fixed(self):
+        """Batches of exactly ``batch`` images (the last one fewer): which test images share a group -- image
+        ``i`` of a batch on GPU ``i mod k`` -- then depends on ``batch``, never on the loader's data.eval_batch,
+        which is not part of a run's identity."""
+        size, xs, ys, have = self.batch, [], [], 0
+        for x, y in self.loader:
+            xs.append(x), ys.append(y)
+            have += x.shape[0]
+            while have >= size:
+                x_all, y_all = torch.cat(xs), torch.cat(ys)
+                yield x_all[:size], y_all[:size]
+                xs, ys, have = [x_all[size:]], [y_all[size:]], have - size
+        if have:
+            yield torch.cat(xs), torch.cat(ys)
 
 
 def evaluations(
@@ -182,12 +200,17 @@ def evaluations(
     forward=None,
     dist=None,
     ema: float | None = None,
+    group_batch: int | None = None,
 ) -> dict[str, float]:
     """``{"ema": ..., "precise_bn": ..., "batch_stats": ...}`` (top-1 error %) of the final ``model``; only
     ``ema`` when it has no batch-dependent layer. ``evaluate(model, loader) -> {"top1_error": ...}`` is the
     trainer's evaluation; ``ema`` reuses a top-1 error already measured on this exact model. ``forward(model, x)``
     runs a re-estimation batch as training does (autocast, channels_last). Call it once, after the last epoch:
-    the model's buffers, flags and layer options are as they were when it returns."""
+    the model's buffers, flags and layer options are as they were when it returns. ``group_batch``: the test
+    images per batch_stats forward (a multiple of ``per_gpu_batch``; the trainer passes its per-process training
+    batch), so the groups do not depend on the eval loader's batch size."""
+    if group_batch is not None and (group_batch < 1 or group_batch % per_gpu_batch):
+        raise ValueError(f"bn_eval: group_batch={group_batch} must be a positive multiple of {per_gpu_batch}")
     if not isinstance(per_gpu_batch, int) or per_gpu_batch < 1:
         raise ValueError(f"bn_eval: per_gpu_batch={per_gpu_batch!r} must be a positive integer")
     if not isinstance(precise_bn_images, int) or precise_bn_images < 1:
@@ -206,9 +229,8 @@ def evaluations(
         result["precise_bn"] = evaluate(model, eval_loader)["top1_error"]
         for buffer, value in saved:
             buffer.copy_(value)
-        result["batch_stats"] = evaluate(batch_stats_model(model, per_gpu_batch), regroup(eval_loader, per_gpu_batch))[
-            "top1_error"
-        ]
+        test_batches = regroup(eval_loader, per_gpu_batch, group_batch)
+        result["batch_stats"] = evaluate(batch_stats_model(model, per_gpu_batch), test_batches)["top1_error"]
     finally:
         for buffer, value in saved:
             buffer.copy_(value)

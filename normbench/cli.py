@@ -46,24 +46,83 @@ def _report(args: list[str]) -> int:
     return 0
 
 
-def _config_error(command: str, args: list[str]) -> str | None:
-    """Compose the config once before Hydra runs it, so that a mistyped key or group fails in one line
-    (Hydra's own report spans several). Sweep lists (a=1,2) are left to the sweeper, which composes every run."""
-    if any(a.startswith("-") for a in args):
-        return None  # Hydra flags (--cfg, --help, ...): let Hydra handle them
-    plain = [a for a in args if command == "train" or "," not in a.partition("=")[2]]
+def _sweep_values(arg: str) -> list[str]:
+    """`key=a,b` -> [`key=a`, `key=b`]: each value of a sweep list, checked before Hydra runs anything."""
+    key, sep, value = arg.partition("=")
+    if not sep or "," not in value or any(c in value for c in "[](){}'\""):
+        return [arg]  # no list, or one the override grammar shapes itself (range(), quoted values): left to Hydra
+    return [f"{key}={v}" for v in value.split(",")]
+
+
+def _variants(command: str, args: list[str]) -> list[list[str]]:
+    """The command lines to check: a run's own, or for a sweep its lists at their first values, then each other
+    value of each list once (a bad value fails before any run trains; the grid is checked by the sweeper)."""
+    if command == "train":
+        return [args]
+    values = [_sweep_values(a) for a in args]
+    first = [v[0] for v in values]
+    return [first] + [[*first[:i], other, *first[i + 1 :]] for i, v in enumerate(values) for other in v[1:]]
+
+
+def _composition_error(err: Exception, args: list[str]) -> str:
+    """Hydra's composition failure in one line, rewritten where its own hint misleads."""
+    from normbench.config import unknown_key_error
+
+    text = str(err)
+    if text.startswith("Could not override '"):  # Hydra would suggest `+key=value`, which adds a key nothing reads
+        key = text.split("'")[1]
+        value = next((a.partition("=")[2] for a in args if a.lstrip("+~").partition("=")[0] == key), None)
+        return str(unknown_key_error(key, value, _keys_of_selection(args, leaving_out=key)))
+    if "LexerNoViableAltException" in text or "token recognition error" in text:
+        bad = next((a for a in args if not a.isascii()), None)
+        if bad is not None:
+            key, _, value = bad.partition("=")
+            return f"{bad!r} has characters Hydra's override parser takes only quoted; quote the value: {key}='{value}'"
+    text = text.split("Config search path")[0]  # Hydra appends its search path: noise here
+    text = text.replace(":\n", ": ").replace("\n\n", "\n").replace("\n", ", ").replace("., ", ". ")
+    return " ".join(text.split()).rstrip(", ") + " (normbench train --cfg job lists every key)"
+
+
+def _keys_of_selection(args: list[str], leaving_out: str) -> list[str]:
+    """The keys of the config the command line's group choices (model=, data=, norm=, ...) compose: a key of
+    another choice (data.num_train is synthetic's) is no answer for this one."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from normbench.config import leaves
     from normbench.paths import CONFIG_DIR
 
+    groups = [a for a in args if "=" in a and "." not in a.partition("=")[0] and not a.startswith(("+", "~"))]
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            config = OmegaConf.to_container(compose(config_name="train", overrides=plain), resolve=True)
-    except Exception as err:  # noqa: BLE001 -- any composition error is the user's to fix
-        text = str(err).split("Config search path")[0]  # Hydra appends its search path: noise here
-        text = text.replace(":\n", ": ").replace("\n\n", "\n").replace("\n", ", ").replace("., ", ". ")
-        return " ".join(text.split()).rstrip(", ") + " (normbench train --cfg job lists every key)"
+            config = OmegaConf.to_container(compose(config_name="train", overrides=groups), resolve=False)
+    except Exception:  # noqa: BLE001 -- no better list than every key
+        return []
+    return [k for k in leaves(config) if k != leaving_out]
+
+
+def _config_error(command: str, args: list[str]) -> str | None:
+    """Compose and validate the config once before Hydra runs it, so that a mistyped key, group or value fails in
+    one line before anything is written (Hydra's own report spans several, and it writes its files first). A
+    sweep list (a=1,2) is checked on its first value; the sweeper composes and checks every run."""
+    if any(a.startswith("-") for a in args):
+        return None  # Hydra flags (--cfg, --help, ...): let Hydra handle them
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from normbench.config import ConfigError, validate
+    from normbench.paths import CONFIG_DIR
+
+    for plain in _variants(command, args):
+        try:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                config = OmegaConf.to_container(compose(config_name="train", overrides=plain), resolve=True)
+        except Exception as err:  # noqa: BLE001 -- any composition error is the user's to fix
+            return _composition_error(err, plain)
+        try:
+            validate(config)
+        except ConfigError as err:
+            return str(err)
     from pathlib import Path
 
     from normbench.runs import RunEnvironmentError, check_writable
@@ -76,11 +135,26 @@ def _config_error(command: str, args: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from normbench.runs import Interrupted, interruption_exit_code, interruption_message, start_up_interrupts
+
+    start_up_interrupts()  # a signal during start-up: one line, not a traceback or a silent death
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except Interrupted as stop:  # before train() recorded anything, or outside a run (report, sweep planning)
+        command = argv[0] if argv else ""
+        print(f"normbench {command}: {interruption_message(stop)}", file=sys.stderr, flush=True)
+        return interruption_exit_code(stop)
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    from normbench.runs import mark_command_start
+
+    mark_command_start()  # force=true retrains results older than this command, never one a worker just made
     if command == "report":
         return _report(rest)
     if command in ("train", "sweep"):

@@ -11,8 +11,8 @@ Status (result.json `status`):
   completed    every epoch ran; the only status a report averages
   diverged     a non-finite training loss stopped it (a result too: the layer cannot train in that setting)
   failed       an exception; the message is recorded, the rerun resumes from the last checkpoint
-  interrupted  a signal (Ctrl-C, SIGTERM, SLURM's/submitit's SIGUSR2) or SystemExit stopped it; the rerun, or the
-               requeued job, resumes from the last finished epoch's checkpoint
+  interrupted  a signal (INTERRUPT_SIGNALS: Ctrl-C, SIGTERM, SIGHUP, SLURM's/submitit's SIGUSR2, ...) or SystemExit
+               stopped it; the rerun, or the requeued job, resumes from the last finished epoch's checkpoint
 Only completed and diverged runs are skipped when their command is run again. An interrupt does not checkpoint
 mid-epoch: the work since the last epoch boundary is redone on resume (an epoch is at most minutes here; on
 ImageNet give SLURM's signal a delay of more than one checkpoint write, not of an epoch).
@@ -208,6 +208,54 @@ def git_state(repo: Path | None = None) -> dict:
     return state
 
 
+def _code(state: dict) -> tuple:
+    return state.get("commit"), state.get("dirty"), tuple(state.get("dirty_paths") or ())
+
+
+class CodeHistory:
+    """Which code trained which epochs: ``[{commit, dirty, [dirty_paths], epochs: [first, last]}, ...]``, carried
+    in the checkpoint and written to result.json as ``code_history``. A run resumed under other code (another
+    commit, or other uncommitted changes) gets a new entry, and the log says so. A checkpoint from before this
+    record has one entry with commit None for the epochs it holds: their code is unknown, not assumed."""
+
+    def __init__(self, checkpoint: dict | None, start_epoch: int):
+        self.start = start_epoch
+        self.now = git_state()
+        earlier = (checkpoint or {}).get("code_history")
+        if isinstance(earlier, list) and earlier:
+            self.earlier = [dict(entry) for entry in earlier if entry["epochs"][0] <= start_epoch]
+            if self.earlier:
+                self.earlier[-1]["epochs"] = [self.earlier[-1]["epochs"][0], start_epoch]
+        else:
+            self.earlier = [{"commit": None, "dirty": None, "epochs": [1, start_epoch]}] if start_epoch else []
+        if self.earlier and _code(self.earlier[-1]) != _code(self.now):
+            log.warning(
+                "resuming from epoch %d under other code: epochs %d-%d were trained at %s, epochs from %d on are "
+                "trained at %s (both recorded in result.json's code_history)",
+                start_epoch,
+                *self.earlier[-1]["epochs"],
+                _describe(self.earlier[-1]),
+                start_epoch + 1,
+                _describe(self.now),
+            )
+
+    def through(self, epoch: int) -> list[dict]:
+        """The record for a run that has finished `epoch` epochs."""
+        entries = [dict(entry) for entry in self.earlier]
+        if epoch > self.start:
+            if entries and _code(entries[-1]) == _code(self.now):
+                entries[-1]["epochs"] = [entries[-1]["epochs"][0], epoch]
+            else:
+                entries.append({**self.now, "epochs": [self.start + 1, epoch]})
+        return entries
+
+
+def _describe(state: dict) -> str:
+    if state.get("commit") is None:
+        return "unknown code (a checkpoint from before code_history)" if state.get("dirty") is None else "no commit"
+    return f"{state['commit'][:10]}{' with uncommitted changes' if state.get('dirty') else ''}"
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
@@ -392,6 +440,63 @@ def load_checkpoint(path: Path, map_location) -> dict | None:
     return state
 
 
+# ---- force=true: results older than this sweep -----------------------------------------------------------
+FORCE_SINCE_ENV = "NORMBENCH_FORCE_SINCE"  # when this command started: set by `normbench`, inherited by its jobs
+
+
+def mark_command_start() -> None:
+    """Note when this command started, for every run it launches (in process, or as submitit/SLURM jobs, which
+    inherit the environment); a command launched from it (torchrun's ranks, a requeued job) keeps the first."""
+    os.environ.setdefault(FORCE_SINCE_ENV, repr(time.time()))
+
+
+def command_start() -> float:
+    """When this command started (mark_command_start), else now: force=true then retrains what exists."""
+    try:
+        return float(os.environ[FORCE_SINCE_ENV])
+    except (KeyError, ValueError):
+        return time.time()
+
+
+def finished_during_this_command(directory: Path) -> bool:
+    """A result.json written since this command started: under force=true another worker of the same sweep (or
+    this one) already retrained the run, and it is not trained again."""
+    try:
+        return (Path(directory) / "result.json").stat().st_mtime >= command_start()
+    except OSError:
+        return False
+
+
+def skip_finished(directory: Path, d, device, force: bool, quiet: bool = False) -> dict | None:
+    """The result to return instead of training: a finished run; under force=true only one finished since this
+    command started ("force" means: results older than this sweep)."""
+    from normbench import distributed
+
+    if not force:
+        return finished_on_main(directory, d, device, quiet=quiet)
+    fresh = d.is_main and finished_during_this_command(directory)
+    if not distributed.broadcast_flag(fresh, d, device):
+        return None
+    finished = finished_on_main(directory, d, device, quiet=True)
+    if finished and not quiet:
+        log.info("skip %s: force=true, but it was trained again since this command started", directory)
+    return finished
+
+
+def begin_attempt(directory: Path) -> None:
+    """Under the run's lock, before anything else: clear what an attempt killed for good (SIGKILL, power loss)
+    left behind: its atomic writes' temporary files (up to a whole checkpoint each), and a result.json of an
+    unfinished earlier attempt, which would go on claiming how far the run got while this one trains."""
+    directory = Path(directory)
+    _recorded["status"] = None
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+        log.info("removed %s, left by an attempt that was killed while writing it", stale.name)
+    result = read_json(directory / "result.json")
+    if isinstance(result, dict) and result.get("status") in STATUSES and result["status"] not in FINAL_STATUSES:
+        (directory / "result.json").unlink(missing_ok=True)
+
+
 def set_aside_finished(directory: Path) -> Path:
     """force=true: move a finished run's files into a sibling directory NAME.replaced-TIMESTAMP (kept, never
     deleted) so it is trained again from scratch. The lock file stays: the caller holds it."""
@@ -466,14 +571,36 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+# Every signal a terminal (Ctrl-C, Ctrl-\\, a closed terminal or dropped ssh session: SIGHUP) or a scheduler
+# (SIGTERM, SLURM's --signal USR1/USR2, a CPU-time limit: SIGXCPU) sends to ask a process to end.
 INTERRUPT_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGXCPU")
+    if hasattr(signal, name)
 )
+_AT_DEFAULT = (signal.SIG_DFL, signal.default_int_handler)
+_before_start: dict[int, Any] = {}  # the handlers start_up_interrupts replaced
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def start_up_interrupts() -> None:
+    """From the command's first line, a signal raises Interrupted (one line, no traceback) instead of killing
+    the process in silence or printing a KeyboardInterrupt traceback; handlers set by someone else stay."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in INTERRUPT_SIGNALS:
+        previous = signal.getsignal(signum)
+        if previous in _AT_DEFAULT:
+            _before_start[signum] = previous
+            signal.signal(signum, _raise_interrupted)
 
 
 @contextmanager
 def interrupts_raise():
-    """Turn SIGINT/SIGTERM/SIGUSR1/SIGUSR2 into `Interrupted` while the run trains. A handler someone else
+    """Turn INTERRUPT_SIGNALS into `Interrupted` while the run trains. A handler someone else
     installed is left alone: under submitit, SIGUSR2 requeues the job and ends it with sys.exit (a SystemExit
     the run records as interrupted) and SIGTERM is deliberately ignored; a signal the parent set to be ignored
     stays ignored (a non-interactive shell starts `cmd &` with SIGINT ignored). The first signal restores the previous
@@ -481,8 +608,8 @@ def interrupts_raise():
     installed: dict[int, Any] = {}
 
     def restore() -> None:
-        for signum, previous in installed.items():
-            signal.signal(signum, previous)
+        for signum, previous in installed.items():  # to the default, so a second signal stops at once
+            signal.signal(signum, _before_start.get(signum, previous) if previous is _raise_interrupted else previous)
         installed.clear()
 
     def handler(signum, frame):
@@ -494,7 +621,7 @@ def interrupts_raise():
 
     if threading.current_thread() is threading.main_thread():
         for signum in INTERRUPT_SIGNALS:
-            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            if signal.getsignal(signum) in (*_AT_DEFAULT, _raise_interrupted):
                 installed[signum] = signal.signal(signum, handler)
     try:
         yield
@@ -518,6 +645,22 @@ def recording_epoch():
         pending, _deferred["pending"] = _deferred["pending"], None
     if pending is not None and not _deferred["depth"]:
         raise Interrupted(pending)
+
+
+_recorded: dict[str, Any] = {"status": None}  # the status this process last wrote to a result.json
+
+
+def write_result(directory: Path, result: dict) -> None:
+    write_json(Path(directory) / "result.json", result)
+    _recorded["status"] = result.get("status")
+
+
+def interruption_message(err: BaseException) -> str:
+    """What an interrupted command says: that the run is recorded as interrupted only when it is."""
+    name = interruption_name(err)
+    if _recorded["status"] == "interrupted":
+        return f"interrupted by {name}; the run is recorded as interrupted: rerun the same command to resume it"
+    return f"interrupted by {name} before the run recorded anything (no result.json): rerun the same command"
 
 
 def interruption_name(err: BaseException) -> str:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from normbench import bn_eval, distributed, runs
+from normbench.config import ConfigError, validate  # noqa: F401 -- ConfigError re-exported: callers import it from here
 from normbench.data import DataError, build_data
 from normbench.models import build_model
 from normbench.norms import (
@@ -44,48 +45,7 @@ from normbench.tracking import Tracker, progress
 log = logging.getLogger("normbench")
 
 
-class ConfigError(ValueError):
-    """A bad setting: one line naming the problem and the fix; raised before any file is written."""
-
-
 # ---- configuration ------------------------------------------------------------------------------------------
-def _positive_int(config: dict, key: str) -> None:
-    value = config[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}; e.g. {key}=8")
-
-
-def validate(config: dict) -> None:
-    for key in ("gpus", "per_gpu_batch", "epochs", "reference_batch"):
-        _positive_int(config, key)
-    if not isinstance(config["base_lr"], (int, float)) or config["base_lr"] <= 0:
-        raise ConfigError(f"base_lr must be a positive number, got {config['base_lr']!r}")
-    schedule = config["schedule"]
-    if schedule["name"] not in ("step", "cosine"):
-        raise ConfigError(f"schedule.name={schedule['name']!r} is unknown; use schedule.name=step or cosine")
-    milestones = list(schedule["milestones"])
-    if milestones != sorted(milestones) or any(not 0 < m < 1 for m in milestones):
-        raise ConfigError(f"schedule.milestones={milestones} must be increasing fractions of training in (0, 1)")
-    if not 0 <= schedule["warmup_epochs"] < config["epochs"]:
-        raise ConfigError(
-            f"schedule.warmup_epochs={schedule['warmup_epochs']} must be in [0, epochs={config['epochs']})"
-        )
-    if config["logger"]["wandb"]["mode"] not in ("offline", "online", "disabled"):
-        raise ConfigError("logger.wandb.mode must be offline, online or disabled")
-    bn_eval_cfg = config["bn_eval"]
-    if not isinstance(bn_eval_cfg["enabled"], bool):
-        raise ConfigError(f"bn_eval.enabled={bn_eval_cfg['enabled']!r} must be true or false")
-    images = bn_eval_cfg["precise_bn_images"]
-    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
-        raise ConfigError(f"bn_eval.precise_bn_images={images!r} must be a positive integer, e.g. 8192")
-    fast = config["fast"]
-    if fast["amp"] not in ("auto", "none", "bf16", "fp16"):
-        raise ConfigError(f"fast.amp={fast['amp']!r} is unknown; use auto, none, bf16 or fp16")
-    for key in ("channels_last", "compile", "cuda_graphs"):
-        if fast[key] not in ("auto", True, False):
-            raise ConfigError(f"fast.{key}={fast[key]!r} must be auto, true or false")
-
-
 TRAINER_NORM_KEYS = ("name", "reestimate_batches")  # read by the trainer, not passed to the layer
 
 
@@ -314,7 +274,7 @@ def train(cfg: DictConfig) -> dict:
     force = bool(config.get("force", False))
     if d.is_main:
         runs.check_writable(Path(config["results_dir"]))
-    if not force and (finished := runs.finished_on_main(directory, d, device)):
+    if finished := runs.skip_finished(directory, d, device, force):
         return finished
 
     torch.backends.cudnn.benchmark = fast["cudnn_benchmark"]
@@ -344,12 +304,13 @@ def train(cfg: DictConfig) -> dict:
         log.info("skip %s: another process is training it", directory)
         return {"status": "running", "outcome": "busy", "run_dir": str(directory)}
     try:
-        if finished := runs.finished_on_main(directory, d, device, quiet=True):  # another sweep may have finished it
-            if not force:
-                return finished
-            if d.is_main:
-                aside = runs.set_aside_finished(directory)
-                log.info("force=true: the finished run was moved to %s; training it again", aside)
+        if d.is_main:
+            runs.begin_attempt(directory)  # stale temporaries and an earlier attempt's result.json
+        if finished := runs.skip_finished(directory, d, device, force, quiet=True):  # finished by another worker?
+            return finished
+        if force and d.is_main and runs.finished_result(directory):
+            aside = runs.set_aside_finished(directory)
+            log.info("force=true: the finished run was moved to %s; training it again", aside)
         return _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler)
     finally:
         if lock:
@@ -375,6 +336,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
         history, resumes = list(state["history"]), state.get("resumes", 0) + 1
         log.info("resume %s from epoch %d", directory, start_epoch)
     outcome = "resumed" if start_epoch else "completed"
+    code_history = runs.CodeHistory(state, start_epoch)  # every commit that trains part of the run
     if d.is_main:
         runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
         runs.write_text(directory / "overrides.yaml", OmegaConf.to_yaml(_command_line_overrides()))
@@ -421,7 +383,6 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                 row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, loop, loop.eval_forward)}
                 # from here to metrics.jsonl a signal waits: history, checkpoint and metrics agree on the epochs
                 with runs.recording_epoch():
-                    history.append(row)
                     log.info(
                         "epoch %d/%d  loss %.4f  top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s  %.1fs",
                         epoch + 1,
@@ -442,11 +403,14 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                                 "scheduler": scheduler.state_dict(),
                                 "scaler": scaler.state_dict(),
                                 "epoch": epoch + 1,
-                                "history": history,
+                                "history": [*history, row],
+                                "code_history": code_history.through(epoch + 1),
                                 "resumes": resumes,
                                 "wall_time_s": wall_before + time.perf_counter() - started,
                             },
                         )
+                    history.append(row)  # only once its checkpoint is on disk: a failed write does not count it
+                    if d.is_main:
                         runs.write_metrics(directory / "metrics.jsonl", history)
             by_eval = _final_evaluations(cfg, model, data, loop, history)  # bn_eval (issue 12): after the last epoch
         except Diverged as stop:
@@ -472,11 +436,12 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
             if run.status == "completed" and len(history) != cfg.epochs:  # never claim what did not run
                 run.end("failed", error=f"ended after {len(history)} of {cfg.epochs} epochs")
             result = _result(config, run, history, resumes, wall_before + time.perf_counter() - started, model)
+            result["code_history"] = code_history.through(len(history))
             if by_eval is not None:
                 result["top1_error_by_eval"] = by_eval
             if d.is_main:
                 try:
-                    runs.write_json(directory / "result.json", result)
+                    runs.write_result(directory, result)
                 except OSError as err:  # the disk that stopped the run may not take its record either
                     log.warning("could not write %s: %s", directory / "result.json", err)
                 tracker.summary({k: v for k, v in result.items() if k.startswith("top")})
@@ -513,6 +478,7 @@ def _final_evaluations(cfg, model, data, loop: Loop, history) -> dict | None:
         forward=forward,
         dist=loop.dist,
         ema=history[-1]["top1_error"],
+        group_batch=cfg.gpus // loop.dist.world_size * cfg.per_gpu_batch,  # the training step's, not eval_batch
     )
     log.info(
         "top-1 err of the final model by evaluation: %s (%.1fs)",
@@ -570,12 +536,7 @@ def main(cfg: DictConfig) -> dict:
         print(f"normbench train: error: {one_line(err)}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ConfigError) else 1)
     except (runs.Interrupted, KeyboardInterrupt) as stop:  # SystemExit (submitit's requeue) passes untouched
-        print(
-            f"normbench train: interrupted by {runs.interruption_name(stop)}; the run is recorded as "
-            "interrupted: rerun the same command to resume it",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"normbench train: {runs.interruption_message(stop)}", file=sys.stderr, flush=True)
         sys.exit(runs.interruption_exit_code(stop))
     finally:
         distributed.teardown()

@@ -332,3 +332,20 @@ def test_two_process_precise_bn_equals_one_process_emulation(tmp_path, norm):
     assert a.keys() == b.keys() and any(k.endswith("running_var") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_batch_stats_do_not_depend_on_the_eval_batch_which_is_not_part_of_the_run_id(tmp_path):
+    # data.eval_batch is left out of the run's identity, so no recorded number may depend on it: the run with
+    # every test image in one loader batch is the reference for loader batches that cut the groups anywhere.
+    whole = train_tiny(tmp_path / "a", "norm=bn", "data.eval_batch=1000")
+    for eval_batch in (7, 13, 64):
+        cut = train_tiny(tmp_path / f"b{eval_batch}", "norm=bn", f"data.eval_batch={eval_batch}")
+        assert cut["run_id"] == whole["run_id"]
+        assert cut["top1_error_by_eval"] == whole["top1_error_by_eval"], eval_batch
+
+
+def test_regroup_to_a_fixed_batch_keeps_every_image_in_order():
+    loader = [(torch.arange(i, i + 5), torch.arange(i, i + 5)) for i in range(0, 23, 5)]  # 25 images in fives
+    out = list(regroup(loader, 4, batch=8))
+    assert [x.shape[0] for x, _ in out] == [8, 8, 8, 1]
+    assert torch.equal(torch.cat([x for x, _ in out]), torch.arange(25))

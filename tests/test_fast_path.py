@@ -104,7 +104,7 @@ def test_auto_switches_are_off_on_the_cpu_and_on_for_cuda():
     [
         (["fast.cuda_graphs=true"], "needs a CUDA device"),
         (["fast.cuda_graphs=true", "fast.compile=false", "device=cpu"], "needs a CUDA device"),
-        (["fast.compile=maybe"], "fast.compile='maybe' must be auto, true or false"),
+        (["fast.compile=maybe"], "fast.compile=maybe is not valid: fast.compile must be one of auto, true, false"),
     ],
 )
 def test_bad_fast_switches_fail_in_one_line(overrides, match):

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from normbench.runs import INTERRUPT_SIGNALS
+
 from conftest import REPO, TINY, cli
 
 pytestmark = pytest.mark.slow
@@ -67,7 +69,7 @@ def reference(tmp_path_factory) -> Path:
 def _default_signals() -> None:
     # A user's foreground run: every interrupt signal at its default. pytest started in the background by a
     # non-interactive shell (`make test &`, nohup) inherits SIGINT ignored, and the run rightly respects that.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for signum in INTERRUPT_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
 
 
@@ -110,7 +112,7 @@ def _assert_same_as_reference(run: Path, reference: Path) -> None:
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2])
+@pytest.mark.parametrize("signum", INTERRUPT_SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_signal_mid_run_records_interrupted_and_the_rerun_resumes_to_the_same_numbers(tmp_path, reference, signum):
     proc = _start([*LONG, f"results_dir={tmp_path}"])
     _wait_for_first_epoch(tmp_path, proc)
@@ -140,6 +142,85 @@ def test_signal_mid_run_records_interrupted_and_the_rerun_resumes_to_the_same_nu
     assert (run / "metrics.jsonl").read_text().splitlines()[:finished_epochs] == epoch_rows
     assert _result(tmp_path)["resumes"] == 1 and _result(tmp_path)["requeues"] == 0
     _assert_same_as_reference(run, reference)
+
+
+@pytest.mark.parametrize("delay_s", [0.1, 0.4, 1.5, 3.0, "hydra"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: signal.Signals(s).name)
+def test_a_signal_during_start_up_says_one_true_line(tmp_path, signum, delay_s):
+    """From the first import to the first epoch: one line, no traceback, and "recorded as interrupted" only
+    when a result.json says so ("hydra": as soon as Hydra made its directory, inside train()'s set-up)."""
+    proc = _start([*TINY, "epochs=1", f"results_dir={tmp_path}"])
+    if delay_s == "hydra":
+        deadline = time.time() + 60
+        while not (tmp_path / ".hydra").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+    else:
+        time.sleep(delay_s)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal")  # a fast machine: nothing to check at this moment
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr, stderr
+    told = [line for line in stderr.splitlines() if line.startswith("normbench")]
+    name = signal.Signals(signum).name
+    (result,) = list(tmp_path.rglob("result.json")) or [None]
+    if result is not None and json.loads(result.read_text())["status"] == "interrupted":
+        assert told == [
+            f"normbench train: interrupted by {name}; the run is recorded as interrupted: rerun the same command to "
+            "resume it"
+        ], stderr
+    else:
+        assert result is None, result.read_text()
+        assert told == [
+            f"normbench train: interrupted by {name} before the run recorded anything (no result.json): rerun the "
+            "same command"
+        ], stderr
+
+
+# SIGKILL inside the atomic write of epoch 2's checkpoint: the temporary file holds part of it when the process
+# dies (a real SIGKILL, at the moment the issue names).
+KILL_IN_CHECKPOINT_WRITE = """
+import os, signal, sys
+from normbench import runs
+real_save = runs.save_torch
+def save_torch(path, obj):
+    if obj["epoch"] == 2:
+        def part(handle):
+            handle.write(b"x" * 65536)
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        runs._atomic(path, part)
+    real_save(path, obj)
+runs.save_torch = save_torch
+from normbench.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_sigkill_in_a_checkpoint_write_leaves_no_stale_file_once_rerun(tmp_path, reference):
+    first = _start([*LONG, f"results_dir={tmp_path}"])
+    _wait_for_first_epoch(tmp_path, first)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    run = _run_dir(tmp_path)
+    assert _result(tmp_path)["status"] == "interrupted"
+    killed = _start([*LONG, f"results_dir={tmp_path}"], code=KILL_IN_CHECKPOINT_WRITE)
+    killed.communicate(timeout=240)
+    assert killed.returncode == -signal.SIGKILL
+    (stale,) = run.glob(".checkpoint.pt.*.tmp")  # the fault is real: half a checkpoint left behind
+    assert stale.stat().st_size >= 65536
+    # the earlier attempt's "interrupted after 1 epoch" is not left to speak for an attempt that got further
+    assert not (run / "result.json").exists()
+    rerun = cli("train", *LONG, f"results_dir={tmp_path}")
+    assert rerun.returncode == 0, rerun.stderr
+    assert not list(run.glob(".*.tmp")) and "left by an attempt that was killed" in rerun.stdout
+    _assert_same_as_reference(run, reference)
+    stale.write_bytes(b"x" * 65536)  # killed again, after it finished: force=true must not carry it along
+    forced = cli("train", *LONG, "force=true", f"results_dir={tmp_path}")
+    assert forced.returncode == 0, forced.stderr
+    (kept,) = tmp_path.rglob("*.replaced-*")
+    assert not list(kept.glob(".*.tmp")) and not list(run.glob(".*.tmp"))
 
 
 # submitit's SLURM handler: on SIGUSR2 it requeues the job, then ends it with sys.exit(-1).
@@ -373,3 +454,67 @@ def test_wandb_id_and_run_hash_separate_what_must_not_mix():
     assert runs.run_id(config("fast.amp=bf16")) != runs.run_id(config("fast.amp=none"))
     assert runs.run_id(config("fast.channels_last=true")) == runs.run_id(config("fast.channels_last=false"))
     assert runs.run_id(config("force=true")) == runs.run_id(config())
+
+
+def test_force_retrains_only_results_older_than_the_command(tmp_path):
+    # Two workers of one force=true sweep share its start (NORMBENCH_FORCE_SINCE, set by the first `normbench`
+    # and inherited by its jobs): the second finds a result newer than that and leaves it.
+    args = [*TINY, "epochs=1", f"results_dir={tmp_path}"]
+    assert cli("train", *args).returncode == 0
+    since = {"NORMBENCH_FORCE_SINCE": repr(time.time())}
+    first = cli("train", *args, "force=true", env=since)
+    assert first.returncode == 0 and "training it again" in first.stdout, first.stderr
+    (run,) = [p.parent for p in tmp_path.rglob("result.json") if ".replaced-" not in str(p)]
+    made = (run / "result.json").read_text()
+    second = cli("train", *args, "force=true", env=since)
+    assert second.returncode == 0 and "trained again since this command started" in second.stdout, second.stdout
+    assert "training it again" not in second.stdout
+    assert (run / "result.json").read_text() == made and len(list(tmp_path.rglob("*.replaced-*"))) == 1
+    later = cli("train", *args, "force=true")  # a new command: the result is older than it, retrained
+    assert later.returncode == 0 and "training it again" in later.stdout
+    assert len(list(tmp_path.rglob("*.replaced-*"))) == 2
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mount = tmp_path / "fs"
+    if os.geteuid() != 0 or not _mount_tmpfs(mount, "size=64m"):
+        pytest.skip("needs root and tmpfs mounts to fill a real file system")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _used(path: Path) -> int:
+    stat = os.statvfs(path)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def test_a_failed_checkpoint_write_does_not_count_its_epoch(tmp_path, tmpfs):
+    args = [*TINY, "model.width=16", "logger.wandb.mode=disabled"]
+    # The same run on the same kind of file system, uninterrupted: its footprint and its numbers.
+    sizing = tmpfs / "sizing"
+    assert cli("train", *args, f"results_dir={sizing}").returncode == 0
+    reference_run = _run_dir(sizing)
+    used, checkpoint = _used(tmpfs), (reference_run / "checkpoint.pt").stat().st_size
+    shutil_copy = tmp_path / "reference"
+    subprocess.run(["cp", "-a", str(sizing), str(shutil_copy)], check=True)
+    subprocess.run(["rm", "-rf", str(sizing)], check=True)
+    # Room for everything that run wrote plus half a checkpoint: epoch 1's checkpoint fits, epoch 2's temporary
+    # file (written beside it, then renamed over it) does not.
+    free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
+    (tmpfs / "filler").write_bytes(b"\0" * (free - used - checkpoint // 2))
+    proc = cli("train", *args, f"results_dir={tmpfs / 'runs'}")
+    assert proc.returncode == 1, proc.stderr
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and "disk full" in lines[0], proc.stderr
+    run = _run_dir(tmpfs / "runs")
+    result = json.loads((run / "result.json").read_text())
+    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert result["status"] == "failed" and result["epochs_completed"] == saved["epoch"] == len(rows) == 1
+    assert not list(run.glob(".*.tmp"))
+    (tmpfs / "filler").unlink()  # space freed: the rerun resumes from the checkpoint to the uninterrupted numbers
+    rerun = cli("train", *args, f"results_dir={tmpfs / 'runs'}")
+    assert rerun.returncode == 0 and f"resume {run} from epoch 1" in rerun.stdout, rerun.stderr
+    expected = _result(shutil_copy)
+    assert _result(tmpfs / "runs")["top1_error_final"] == expected["top1_error_final"]

@@ -1,11 +1,18 @@
 """Provenance: a run records the code's commit and whether tracked code differs from it (results/ excluded)."""
 
+import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
 from normbench.runs import git_state
+
+from conftest import REPO, TINY, cli
 
 
 def _git(repo, *args):
@@ -29,3 +36,52 @@ def test_git_state_ignores_results_but_not_code(tmp_path):
     assert git_state(tmp_path) == {"commit": head, "dirty": False}
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_state(tmp_path) == {"commit": head, "dirty": True, "dirty_paths": ["code.py"]}
+
+
+@pytest.mark.slow
+def test_a_run_resumed_under_other_code_records_every_commit_with_its_epochs(tmp_path):
+    """Train epoch 1 at one commit, finish at another with uncommitted changes: result.json names both."""
+    code = tmp_path / "code"
+    for part in ("normbench", "hydra_plugins", "configs"):
+        shutil.copytree(REPO / part, code / part, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=code, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "first")
+    first = git("rev-parse", "HEAD")
+    env = {"PYTHONPATH": str(code)}
+    args = [*TINY, "data.num_train=2048", "per_gpu_batch=8", f"results_dir={tmp_path / 'runs'}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "normbench.cli", "train", *args],
+        cwd=code,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+    )
+    deadline = time.time() + 240
+    while not list((tmp_path / "runs").rglob("checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    (result_path,) = (tmp_path / "runs").rglob("result.json")
+    assert json.loads(result_path.read_text())["epochs_completed"] == 1, "the signal did not land in epoch 2"
+    with open(code / "normbench" / "paths.py", "a") as handle:
+        handle.write("# another commit\n")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "second")
+    second = git("rev-parse", "HEAD")
+    with open(code / "normbench" / "paths.py", "a") as handle:
+        handle.write("# and an uncommitted change\n")
+    rerun = cli("train", *args, cwd=code, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    told = [line for line in rerun.stdout.splitlines() if "under other code" in line]
+    assert len(told) == 1 and first[:10] in told[0] and second[:10] in told[0], rerun.stdout
+    result = json.loads(result_path.read_text())
+    assert result["code_history"] == [
+        {"commit": first, "dirty": False, "epochs": [1, 1]},
+        {"commit": second, "dirty": True, "dirty_paths": ["normbench/paths.py"], "epochs": [2, 2]},
+    ]
+    assert result["git"]["commit"] == second and result["epochs_completed"] == 2

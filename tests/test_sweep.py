@@ -221,3 +221,31 @@ def test_finished_since_counts_any_worker_s_runs_that_ended_after_the_sweep_star
         None,  # a bad config: no directory
     ]
     assert finished_since(directories, since) == [True, True, False, False, False, False]
+
+
+@pytest.mark.slow
+def test_force_with_two_workers_retrains_each_finished_run_once(tmp_path):
+    grid = ["sweep", "experiment=gn_table2", *SWEEP_TINY, "per_gpu_batch=8,4", f"results_dir={tmp_path}"]
+    first = cli(*grid)
+    assert first.returncode == 0 and _summary(first.stdout)["completed"] == 4, first.stderr[-2000:]
+    old = {p.parent.name: p.read_text() for p in tmp_path.rglob("result.json")}
+    started = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env.pop("NORMBENCH_FORCE_SINCE", None)
+    command = [sys.executable, "-m", "normbench.cli", *grid, "force=true"]
+    procs = [
+        subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    summaries = [_summary(o[0]) for o in outs]
+    assert sum(s["completed"] for s in summaries) == 4, summaries  # 4 trainings for a 4-run grid, not 5 or more
+    replaced = sorted(tmp_path.rglob("*.replaced-*"))
+    assert len(replaced) == 4  # each old result set aside once, never a result this sweep made
+    assert sorted(r.name.split(".replaced-")[0] for r in replaced) == sorted(old)
+    for kept in replaced:
+        assert (kept / "result.json").read_text() == old[kept.name.split(".replaced-")[0]]
+        assert (kept / "result.json").stat().st_mtime < started
+    fresh = [p for p in tmp_path.rglob("result.json") if ".replaced-" not in str(p)]
+    assert len(fresh) == 4 and all(p.stat().st_mtime >= started for p in fresh)

@@ -137,18 +137,23 @@ class NormbenchSweeper(BasicSweeper):
         BasicSweeper.validate_batch_is_legal does)."""
         from omegaconf.errors import OmegaConfBaseException
 
+        from normbench import runs
+        from normbench.config import validate
+
         planned = []
         for job in jobs:
             cfg = self.hydra_context.config_loader.load_sweep_config(master_config=self.config, sweep_overrides=job)
             with open_dict(cfg):
                 del cfg["hydra"]
             try:
-                directory = _run_directory(OmegaConf.to_container(cfg, resolve=True))
-            except (OmegaConfBaseException, ValueError) as err:  # a bad interpolation, device=cuda without a GPU:
+                config = OmegaConf.to_container(cfg, resolve=True)
+                validate(config)
+                directory = _run_directory(config)
+            except (OmegaConfBaseException, ValueError) as err:  # a bad value or interpolation, no GPU for cuda:
                 planned.append((" ".join(job), f"bad config: {str(err).splitlines()[0]}", None))  # it fails on it
                 continue
             state = run_state(directory)
-            if state == "done" and cfg.get("force"):
+            if state == "done" and cfg.get("force") and not runs.finished_during_this_command(directory):
                 state = "redo"  # force=true: the finished run is set aside and trained again
             planned.append((directory.name, state, directory))
         return planned
