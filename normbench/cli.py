@@ -125,7 +125,7 @@ def _config_error(command: str, args: list[str]) -> str | None:
             return str(err)
     from pathlib import Path
 
-    from normbench.runs import RunEnvironmentError, check_writable
+    from normbench.disk_faults import RunEnvironmentError, check_writable
 
     try:  # before Hydra creates its output directory under results_dir (a raw OSError traceback otherwise)
         check_writable(Path(config["results_dir"]))
@@ -135,7 +135,8 @@ def _config_error(command: str, args: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from normbench.runs import Interrupted, interruption_exit_code, interruption_message, start_up_interrupts
+    from normbench.interrupts import Interrupted, interruption_exit_code, start_up_interrupts
+    from normbench.runs import interruption_message
 
     start_up_interrupts()  # a signal during start-up: one line, not a traceback or a silent death
     argv = list(sys.argv[1:] if argv is None else argv)

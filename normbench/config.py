@@ -264,3 +264,26 @@ def _check_relations(config: dict) -> None:
             f"schedule.warmup_epochs={schedule['warmup_epochs']} must be in [0, epochs={config['epochs']}); "
             "lower it or raise epochs"
         )
+
+
+# ---- what the trainer derives from the config ----------------------------------------------------------
+TRAINER_NORM_KEYS = ("name", "reestimate_batches")  # read by the trainer, not passed to the layer
+
+
+def norm_options(config: dict) -> dict:
+    """The norm node's options plus the top-level per_gpu_batch for the layers that take it (one source of
+    truth: the per-GPU batch of the paper's setting)."""
+    from normbench.norms import norm_options as accepted
+
+    options = {k: v for k, v in config["norm"].items() if k not in TRAINER_NORM_KEYS}
+    if "per_gpu_batch" in accepted(config["norm"]["name"]):
+        options["per_gpu_batch"] = config["per_gpu_batch"]
+    return options
+
+
+def norm_label(config: dict) -> str:
+    return (
+        config["norm"]["name"]
+        + ("+pono_ms" if config["model"].get("pono_ms") else "")
+        + ("+ws" if config["model"]["weight_standardization"] else "")
+    )

@@ -1,4 +1,4 @@
-"""A run's life on disk: identity, atomic files, provenance, the lock that keeps two sweeps off one run, and
+"""A run's life on disk: identity, atomic files, the lock that keeps two sweeps off one run, and
 the status that says truthfully how far it got.
 
 A run's directory is named after a hash of its *identifying* config: everything that can change its numbers.
@@ -20,23 +20,18 @@ ImageNet give SLURM's signal a delay of more than one checkpoint write, not of a
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
-import platform
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from normbench.interrupts import interruption_name
+from normbench.provenance import git_state
 
 log = logging.getLogger("normbench")
 
@@ -180,116 +175,6 @@ def read_metrics(path: Path) -> list[dict]:
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """metrics.jsonl is rewritten whole (it is small) so a resumed run drops epochs past its checkpoint."""
     write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-# ---- provenance ---------------------------------------------------------------------------------------------
-def git_state(repo: Path | None = None) -> dict:
-    """Commit of the code, and whether tracked files differ from it. ``results/`` is left out: it holds runs'
-    outputs, not their inputs (regenerating a committed reference run rewrites it while the run trains)."""
-    repo = repo or Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout
-
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-        changed = [
-            line[3:]
-            for line in git(
-                "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"
-            ).splitlines()
-            if line.strip()
-        ]
-    except (OSError, subprocess.SubprocessError):
-        commit, changed = "", []
-    state = {"commit": commit or None, "dirty": bool(changed)}
-    if changed:
-        state["dirty_paths"] = changed[:20]
-    return state
-
-
-def _code(state: dict) -> tuple:
-    return state.get("commit"), state.get("dirty"), tuple(state.get("dirty_paths") or ())
-
-
-class CodeHistory:
-    """Which code trained which epochs: ``[{commit, dirty, [dirty_paths], epochs: [first, last]}, ...]``, carried
-    in the checkpoint and written to result.json as ``code_history``. A run resumed under other code (another
-    commit, or other uncommitted changes) gets a new entry, and the log says so. A checkpoint from before this
-    record has one entry with commit None for the epochs it holds: their code is unknown, not assumed."""
-
-    def __init__(self, checkpoint: dict | None, start_epoch: int):
-        self.start = start_epoch
-        self.now = git_state()
-        earlier = (checkpoint or {}).get("code_history")
-        if isinstance(earlier, list) and earlier:
-            self.earlier = [dict(entry) for entry in earlier if entry["epochs"][0] <= start_epoch]
-            if self.earlier:
-                self.earlier[-1]["epochs"] = [self.earlier[-1]["epochs"][0], start_epoch]
-        else:
-            self.earlier = [{"commit": None, "dirty": None, "epochs": [1, start_epoch]}] if start_epoch else []
-        if self.earlier and _code(self.earlier[-1]) != _code(self.now):
-            log.warning(
-                "resuming from epoch %d under other code: epochs %d-%d were trained at %s, epochs from %d on are "
-                "trained at %s (both recorded in result.json's code_history)",
-                start_epoch,
-                *self.earlier[-1]["epochs"],
-                _describe(self.earlier[-1]),
-                start_epoch + 1,
-                _describe(self.now),
-            )
-
-    def through(self, epoch: int) -> list[dict]:
-        """The record for a run that has finished `epoch` epochs."""
-        entries = [dict(entry) for entry in self.earlier]
-        if epoch > self.start:
-            if entries and _code(entries[-1]) == _code(self.now):
-                entries[-1]["epochs"] = [entries[-1]["epochs"][0], epoch]
-            else:
-                entries.append({**self.now, "epochs": [self.start + 1, epoch]})
-        return entries
-
-
-def _describe(state: dict) -> str:
-    if state.get("commit") is None:
-        return "unknown code (a checkpoint from before code_history)" if state.get("dirty") is None else "no commit"
-    return f"{state['commit'][:10]}{' with uncommitted changes' if state.get('dirty') else ''}"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str) -> dict:
-    import torch
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("torchvision", "timm", "hydra", "omegaconf", "wandb", "numpy"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 -- a missing optional package is recorded, not fatal
-            versions[name] = None
-    info = {
-        "git": git_state(),
-        "versions": versions,
-        "device": device,
-        "host": platform.node(),
-        # float results are bit-reproducible only on the same CPU kind, thread count and capability set
-        "cpu": cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "command": " ".join(sys.argv),
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 class RunLock:
@@ -445,9 +330,11 @@ FORCE_SINCE_ENV = "NORMBENCH_FORCE_SINCE"  # when this command started: set by `
 
 
 def mark_command_start() -> None:
-    """Note when this command started, for every run it launches (in process, or as submitit/SLURM jobs, which
-    inherit the environment); a command launched from it (torchrun's ranks, a requeued job) keeps the first."""
-    os.environ.setdefault(FORCE_SINCE_ENV, repr(time.time()))
+    """Note when this `normbench` command started, for every run it launches (in process, or as submitit/SLURM
+    jobs and their requeues, which inherit the environment and never call this). Each command sets it afresh: a
+    value inherited from an earlier command (a shell, a notebook, a test process) would make force=true skip
+    results that command made."""
+    os.environ[FORCE_SINCE_ENV] = repr(time.time())
 
 
 def command_start() -> float:
@@ -509,144 +396,6 @@ def set_aside_finished(directory: Path) -> Path:
     return target
 
 
-# ---- environment faults: one line naming the cause and the fix ----------------------------------------------
-class RunEnvironmentError(RuntimeError):
-    """Something outside the config stops the run (disk full, a read-only directory); one line with the fix."""
-
-
-def check_writable(directory: Path, setting: str = "results_dir") -> None:
-    """Fail before anything is built if `directory` cannot be created or written (Hydra's own output directory
-    lives under it too)."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise RunEnvironmentError(
-            f"{setting}={directory} is not writable ({err.strerror or err}); choose a writable directory with "
-            f"{setting}=DIR"
-        ) from None
-
-
-def environment_cause(err: BaseException) -> OSError | None:
-    """The OSError behind an exception (torch.save reports a full disk as a RuntimeError chained to it)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def describe_environment_error(err: BaseException, directory: Path) -> str | None:
-    """One line for a disk-full / read-only / permission fault while writing the run, else None."""
-    cause = environment_cause(err)
-    if cause is None and "write" in str(err).lower():
-        try:  # torch's zip writer sometimes drops the errno; a full disk is then read off the file system
-            if shutil.disk_usage(directory).free < 1 << 20:
-                cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError:
-            pass
-    if cause is None:
-        return None
-    where = f" writing {cause.filename}" if cause.filename else f" in {directory}"
-    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (
-            f"disk full{where} ({cause.strerror}); free space on that file system or set results_dir= to "
-            f"another one, then rerun the same command to resume"
-        )
-    return f"cannot write{where} ({cause.strerror}); make results_dir writable or choose another with results_dir=DIR"
-
-
-# ---- interrupts: recorded, never mistaken for a finished run --------------------------------------------------
-class Interrupted(BaseException):
-    """A signal asked the run to stop. A BaseException, like KeyboardInterrupt, so that no `except Exception`
-    (Hydra's job runner included) swallows it and a sweep stops instead of going on to the next run."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-# Every signal a terminal (Ctrl-C, Ctrl-\\, a closed terminal or dropped ssh session: SIGHUP) or a scheduler
-# (SIGTERM, SLURM's --signal USR1/USR2, a CPU-time limit: SIGXCPU) sends to ask a process to end.
-INTERRUPT_SIGNALS = tuple(
-    getattr(signal, name)
-    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGXCPU")
-    if hasattr(signal, name)
-)
-_AT_DEFAULT = (signal.SIG_DFL, signal.default_int_handler)
-_before_start: dict[int, Any] = {}  # the handlers start_up_interrupts replaced
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-def start_up_interrupts() -> None:
-    """From the command's first line, a signal raises Interrupted (one line, no traceback) instead of killing
-    the process in silence or printing a KeyboardInterrupt traceback; handlers set by someone else stay."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in INTERRUPT_SIGNALS:
-        previous = signal.getsignal(signum)
-        if previous in _AT_DEFAULT:
-            _before_start[signum] = previous
-            signal.signal(signum, _raise_interrupted)
-
-
-@contextmanager
-def interrupts_raise():
-    """Turn INTERRUPT_SIGNALS into `Interrupted` while the run trains. A handler someone else
-    installed is left alone: under submitit, SIGUSR2 requeues the job and ends it with sys.exit (a SystemExit
-    the run records as interrupted) and SIGTERM is deliberately ignored; a signal the parent set to be ignored
-    stays ignored (a non-interactive shell starts `cmd &` with SIGINT ignored). The first signal restores the previous
-    handlers, so a second Ctrl-C stops at once (the files on disk stay consistent: every write is atomic)."""
-    installed: dict[int, Any] = {}
-
-    def restore() -> None:
-        for signum, previous in installed.items():  # to the default, so a second signal stops at once
-            signal.signal(signum, _before_start.get(signum, previous) if previous is _raise_interrupted else previous)
-        installed.clear()
-
-    def handler(signum, frame):
-        restore()
-        if _deferred["depth"]:  # inside recording_epoch(): raised once the epoch's record is whole
-            _deferred["pending"] = signum
-            return
-        raise Interrupted(signum)
-
-    if threading.current_thread() is threading.main_thread():
-        for signum in INTERRUPT_SIGNALS:
-            if signal.getsignal(signum) in (*_AT_DEFAULT, _raise_interrupted):
-                installed[signum] = signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        restore()
-
-
-_deferred: dict[str, Any] = {"depth": 0, "pending": None}
-
-
-@contextmanager
-def recording_epoch():
-    """The epoch's record -- checkpoint, then metrics.jsonl -- is written whole: a signal of
-    `interrupts_raise` that lands inside is raised at the end, so an interrupted run's files always agree on
-    how many epochs it finished (a second signal still stops at once: the first restored the old handlers)."""
-    _deferred["depth"] += 1
-    try:
-        yield
-    finally:
-        _deferred["depth"] -= 1
-        pending, _deferred["pending"] = _deferred["pending"], None
-    if pending is not None and not _deferred["depth"]:
-        raise Interrupted(pending)
-
-
 _recorded: dict[str, Any] = {"status": None}  # the status this process last wrote to a result.json
 
 
@@ -661,21 +410,6 @@ def interruption_message(err: BaseException) -> str:
     if _recorded["status"] == "interrupted":
         return f"interrupted by {name}; the run is recorded as interrupted: rerun the same command to resume it"
     return f"interrupted by {name} before the run recorded anything (no result.json): rerun the same command"
-
-
-def interruption_name(err: BaseException) -> str:
-    if isinstance(err, Interrupted):
-        return str(err)
-    return type(err).__name__  # KeyboardInterrupt, SystemExit (submitit's requeue)
-
-
-def interruption_exit_code(err: BaseException) -> int:
-    if isinstance(err, Interrupted):
-        return 128 + err.signum
-    if isinstance(err, KeyboardInterrupt):
-        return 128 + signal.SIGINT
-    code = getattr(err, "code", 1)
-    return code if isinstance(code, int) and code != 0 else 1
 
 
 def requeue_count() -> int:

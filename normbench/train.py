@@ -13,23 +13,20 @@ completed (or diverged) run is not trained again.
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normbench import bn_eval, distributed, runs
-from normbench.config import ConfigError, validate  # noqa: F401 -- ConfigError re-exported: callers import it from here
+from normbench import bn_eval, disk_faults, distributed, interrupts, provenance, runs
+from normbench.config import ConfigError, norm_label, norm_options, validate
 from normbench.data import DataError, build_data
+from normbench.fast import autocast, fast_settings, make_steps, resolve_device
+from normbench.loop import Diverged, Loop, evaluate, median_last5, train_one_epoch
 from normbench.models import build_model
 from normbench.norms import (
     NormConfigError,
@@ -40,211 +37,9 @@ from normbench.norms import (
 )
 from normbench.optim import build_optimizer, build_scheduler, learning_rate
 from normbench.paths import CONFIG_DIR
-from normbench.tracking import Tracker, progress
+from normbench.tracking import Tracker
 
 log = logging.getLogger("normbench")
-
-
-# ---- configuration ------------------------------------------------------------------------------------------
-TRAINER_NORM_KEYS = ("name", "reestimate_batches")  # read by the trainer, not passed to the layer
-
-
-def norm_options(config: dict) -> dict:
-    """The norm node's options plus the top-level per_gpu_batch for the layers that take it (one source of
-    truth: the per-GPU batch of the paper's setting)."""
-    from normbench.norms import norm_options as accepted
-
-    options = {k: v for k, v in config["norm"].items() if k not in TRAINER_NORM_KEYS}
-    if "per_gpu_batch" in accepted(config["norm"]["name"]):
-        options["per_gpu_batch"] = config["per_gpu_batch"]
-    return options
-
-
-def norm_label(config: dict) -> str:
-    return (
-        config["norm"]["name"]
-        + ("+pono_ms" if config["model"].get("pono_ms") else "")
-        + ("+ws" if config["model"]["weight_standardization"] else "")
-    )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
-    return torch.device(name)
-
-
-def fast_settings(config: dict, device: torch.device) -> dict:
-    """Resolve `auto` switches: on for CUDA, off on the CPU.
-
-    On the CPU bf16 and channels_last change numbers but not speed, and compiling does not pay for itself at
-    CPU scale: ResNet-8 at 8x32 on one core steps 0.79x (BN), 1.08x (GN), 0.73x (SN) of eager's time once
-    compiled, after 15-36 s of compiling (scripts/bench_train.py --modes eager,compiled), and a CPU run is a
-    few hundred steps. CUDA graphs stay opt-in (`fast.cuda_graphs=true`) until measured on a GPU."""
-    fast, on_gpu = config["fast"], device.type == "cuda"
-    amp = fast["amp"] if fast["amp"] != "auto" else ("bf16" if on_gpu else "none")
-    compile_ = on_gpu if fast["compile"] == "auto" else fast["compile"]
-    cuda_graphs = False if fast["cuda_graphs"] == "auto" else fast["cuda_graphs"]
-    if cuda_graphs and not on_gpu:
-        raise ConfigError(f"fast.cuda_graphs=true needs a CUDA device (this run is on {device}); drop it")
-    if cuda_graphs and not compile_:
-        raise ConfigError("fast.cuda_graphs=true captures the compiled step; set fast.compile=true with it")
-    return {
-        "amp": amp,
-        "channels_last": on_gpu if fast["channels_last"] == "auto" else fast["channels_last"],
-        "compile": compile_,
-        "cuda_graphs": cuda_graphs,
-        "cudnn_benchmark": fast["cudnn_benchmark"],
-    }
-
-
-# ---- the loop -----------------------------------------------------------------------------------------------
-class Diverged(Exception):
-    pass
-
-
-@dataclass
-class Loop:
-    """What every step needs besides the model, the data and the optimizer."""
-
-    device: torch.device
-    dist: distributed.Dist
-    raw_model: torch.nn.Module  # the model without DDP/compile wrappers (its buffers are the running stats)
-    channels_last: bool
-    sync_buffers_every_step: bool  # layers that read running stats while training (batch renorm) under DDP
-    show_progress: bool
-    amp_dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler  # a no-op unless fp16: bf16 and float32 need no loss scaling
-    forward_loss: Callable  # (images, labels) -> loss of the training model: compiled or eager (make_steps)
-    eval_forward: Callable  # images -> logits of the raw model in eval mode: compiled or eager
-    compiled: bool = False
-    cuda_graphs: bool = False
-
-    first_epoch: int = 0  # the epoch this process starts at (a resumed run compiles in its first epoch)
-
-    def autocast(self):
-        return _autocast(self.device, self.amp_dtype)
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-
-
-def make_steps(train_model, raw_model, fast: dict, autocast) -> tuple[Callable, Callable]:
-    """The training step's forward and loss, and the evaluation forward, compiled when ``fast["compile"]``.
-
-    Static shapes (``dynamic=False``): training batches all have one size (the last partial batch is dropped)
-    and :func:`evaluate` pads a partial evaluation batch, so neither recompiles. The training step and the
-    evaluation forward are separate compiled functions, so switching between them recompiles nothing either.
-    Compiling wraps nothing that is saved: checkpoints hold the raw model's state dict (no ``_orig_mod.``)."""
-
-    def forward_loss(images, labels):
-        with autocast():
-            return F.cross_entropy(train_model(images), labels)
-
-    def eval_forward(images):
-        with autocast():
-            return raw_model(images).float()
-
-    if not fast["compile"]:
-        return forward_loss, eval_forward
-    mode = "reduce-overhead" if fast["cuda_graphs"] else None  # CUDA graphs: one launch for the whole step
-    return torch.compile(forward_loss, dynamic=False, mode=mode), torch.compile(eval_forward, dynamic=False)
-
-
-def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, loop: Loop) -> dict:
-    model.train()
-    loader.set_epoch(epoch)
-    device, d = loop.device, loop.dist
-    images_per_step = cfg.gpus * cfg.per_gpu_batch
-    loss_sum = torch.zeros((), device=device)
-    compile_s = 0.0  # the first compiled step's time: kept out of images/s, which measures the compiled steps
-    start = time.perf_counter()
-    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", loop.show_progress)
-    for step, (images, labels) in enumerate(bar):
-        if loop.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if loop.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
-        first_compiled = loop.compiled and step == 0 and epoch == loop.first_epoch
-        if first_compiled:
-            compile_start = time.perf_counter()
-        loss = loop.forward_loss(images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loop.scaler.scale(loss).backward()
-        loop.scaler.step(optimizer)
-        loop.scaler.update()
-        scheduler.step()
-        if loop.sync_buffers_every_step:
-            distributed.average_buffers(loop.raw_model, d)
-        loss_sum += loss.detach()
-        if first_compiled:  # one wait for the device, once per run: the compile time is worth knowing
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            compile_s = time.perf_counter() - compile_start
-            log.info("torch.compile: the first training step took %.1fs (compiling)", compile_s)
-        # Check for divergence only every so often: each check waits for the device.
-        if (step + 1) % cfg.logger.check_every == 0 or step + 1 == len(loader):
-            if distributed.broadcast_flag(not torch.isfinite(loss_sum).item(), d, device):
-                raise Diverged(epoch + 1)
-            if bar is not loader:
-                bar.set_postfix(
-                    {
-                        "loss": f"{loss_sum.item() / (step + 1):.3f}",
-                        "img/s": f"{(step + 1) * images_per_step / (time.perf_counter() - start - compile_s):.0f}",
-                    }
-                )
-    seconds = time.perf_counter() - start
-    loss_mean = distributed.all_reduce_sum(loss_sum.clone(), d).item() / (len(loader) * d.world_size)
-    steps_timed = len(loader) - (1 if compile_s else 0)
-    images_per_s = steps_timed * images_per_step / (seconds - compile_s) if steps_timed else 0.0
-    return {"train_loss": loss_mean, "images_per_s": images_per_s, "epoch_time_s": seconds}
-
-
-@torch.no_grad()
-def evaluate(model, loader, loop: Loop, forward: Callable | None = None) -> dict:
-    """Top-1/top-5 error and loss of ``model`` in eval mode; ``forward`` (images -> logits) replaces the eager
-    call, e.g. the compiled :attr:`Loop.eval_forward`, which gets a partial last batch padded to the full size
-    (every layer normalizes each image on its own in eval mode, so padding changes no other image's logits)."""
-    model.eval()
-    device = loop.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, loss sum, count
-    count, full_batch = 0, None
-    for images, labels in progress(loader, len(loader), "evaluate", loop.show_progress, delay_s=5):
-        if loop.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if forward is None:
-            with loop.autocast():
-                logits = model(images).float()
-        else:
-            full_batch = full_batch or images.shape[0]
-            pad = full_batch - images.shape[0]
-            if pad > 0:  # one static shape for the compiled forward: no recompile for the last batch
-                images = torch.cat([images, images.new_zeros((pad, *images.shape[1:]))])
-            logits = forward(images)[: labels.numel()]
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        totals[:3] += torch.stack(
-            [
-                (top[:, 0] == labels).sum(),
-                (top == labels[:, None]).any(1).sum(),
-                F.cross_entropy(logits, labels, reduction="sum"),
-            ]
-        ).double()
-        count += labels.numel()
-    totals[3] = count
-    top1, top5, loss, count = distributed.all_reduce_sum(totals, loop.dist).tolist()
-    return {
-        "top1_error": 100.0 * (1 - top1 / count),
-        "top5_error": 100.0 * (1 - top5 / count),
-        "eval_loss": loss / count,
-    }
-
-
-def median_last5(history: list[dict]) -> float | None:
-    errors = [row["top1_error"] for row in history[-5:]]
-    return statistics.median(errors) if errors else None
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
@@ -273,7 +68,7 @@ def train(cfg: DictConfig) -> dict:
     directory = runs.run_dir(config)
     force = bool(config.get("force", False))
     if d.is_main:
-        runs.check_writable(Path(config["results_dir"]))
+        disk_faults.check_writable(Path(config["results_dir"]))
     if finished := runs.skip_finished(directory, d, device, force):
         return finished
 
@@ -336,12 +131,12 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
         history, resumes = list(state["history"]), state.get("resumes", 0) + 1
         log.info("resume %s from epoch %d", directory, start_epoch)
     outcome = "resumed" if start_epoch else "completed"
-    code_history = runs.CodeHistory(state, start_epoch)  # every commit that trains part of the run
+    code_history = provenance.CodeHistory(state, start_epoch)  # every commit that trains part of the run
     if d.is_main:
         runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
         runs.write_text(directory / "overrides.yaml", OmegaConf.to_yaml(_command_line_overrides()))
         runs.write_json(
-            directory / "env.json", {**runs.environment(str(device)), "fast": fast, "world_size": d.world_size}
+            directory / "env.json", {**provenance.environment(str(device)), "fast": fast, "world_size": d.world_size}
         )
         runs.write_metrics(directory / "metrics.jsonl", history)  # rebuilt from the checkpoint: never damaged
     train_model = model
@@ -349,7 +144,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
-    forward_loss, eval_forward = make_steps(train_model, model, fast, lambda: _autocast(device, amp_dtype))
+    forward_loss, eval_forward = make_steps(train_model, model, fast, lambda: autocast(device, amp_dtype))
     loop = Loop(
         device=device,
         dist=d,
@@ -361,14 +156,13 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
         scaler=scaler,
         forward_loss=forward_loss,
         eval_forward=eval_forward,
-        compiled=fast["compile"],
         cuda_graphs=fast["cuda_graphs"],
-        first_epoch=start_epoch,
+        compile_pending=fast["compile"],
     )
 
     run, by_eval = runs.Outcome(outcome), None
     with (
-        runs.interrupts_raise(),
+        interrupts.interrupts_raise(),
         Tracker(cfg, directory, directory.name, runs.wandb_id(config), config, enabled=d.is_main) as tracker,
     ):
         try:
@@ -382,7 +176,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                     distributed.average_buffers(model, d)  # every rank evaluates with the same statistics
                 row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, loop, loop.eval_forward)}
                 # from here to metrics.jsonl a signal waits: history, checkpoint and metrics agree on the epochs
-                with runs.recording_epoch():
+                with interrupts.recording_epoch():
                     log.info(
                         "epoch %d/%d  loss %.4f  top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s  %.1fs",
                         epoch + 1,
@@ -417,13 +211,13 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
             run.end("diverged", diverged_epoch=stop.args[0])
             log.warning("run diverged: non-finite training loss in epoch %d; recorded as a result", stop.args[0])
         except Exception as err:  # a crash is recorded, then raised: the sweep counts it, a single run exits 1
-            problem = runs.describe_environment_error(err, directory)
+            problem = disk_faults.describe_environment_error(err, directory)
             run.end("failed", error=problem or f"{type(err).__name__}: {err}")
             if problem:
-                raise runs.RunEnvironmentError(problem) from err
+                raise disk_faults.RunEnvironmentError(problem) from err
             raise
         except BaseException as stop:  # Interrupted (a signal), KeyboardInterrupt, SystemExit (submitit requeue)
-            run.end("interrupted", interrupted_by=runs.interruption_name(stop))
+            run.end("interrupted", interrupted_by=interrupts.interruption_name(stop))
             log.warning(
                 "interrupted by %s after %d of %d epochs; rerun the same command to resume from epoch %d",
                 run.interrupted_by,
@@ -530,14 +324,14 @@ def one_line(err: BaseException) -> str:
 def main(cfg: DictConfig) -> dict:
     try:
         return train(cfg)
-    except (ConfigError, DataError, runs.RunEnvironmentError) as err:
+    except (ConfigError, DataError, disk_faults.RunEnvironmentError) as err:
         if _in_multirun():
             raise  # the sweep records it as failed and goes on
         print(f"normbench train: error: {one_line(err)}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ConfigError) else 1)
-    except (runs.Interrupted, KeyboardInterrupt) as stop:  # SystemExit (submitit's requeue) passes untouched
+    except (interrupts.Interrupted, KeyboardInterrupt) as stop:  # SystemExit (submitit's requeue) passes untouched
         print(f"normbench train: {runs.interruption_message(stop)}", file=sys.stderr, flush=True)
-        sys.exit(runs.interruption_exit_code(stop))
+        sys.exit(interrupts.interruption_exit_code(stop))
     finally:
         distributed.teardown()
 

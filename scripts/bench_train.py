@@ -11,7 +11,7 @@ throughput at each small per-GPU batch with the same norm's at the reference bat
 Issue target: at 8x2 images per step, bn and gn keep >= 0.5x their own 8x32 throughput.
 
 ``--mode`` picks how the step runs: ``eager``, ``compiled`` (torch.compile of the step's forward and loss, as
-``normbench train fast.compile=true`` does: the trainer's own ``make_steps``) or ``cuda_graphs`` (the same, captured
+``normbench train fast.compile=true`` does: ``normbench.fast.make_steps``) or ``cuda_graphs`` (the same, captured
 with CUDA graphs: ``fast.cuda_graphs=true``). Three baseline rows at the reference batch come with every run
 (``--no-baselines`` drops them), in the same mode and the same interleaved rounds:
   plain_bn@G*R    the same model with ``nn.BatchNorm2d`` over the whole step's G*R images (for resnet50:
@@ -186,9 +186,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
 
-    if args.compile:
+    if args.compile:  # the older spelling of --mode compiled
         args.mode = "compiled"
-    args.compile = args.mode != "eager"
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mode == "cuda_graphs" and args.device != "cuda":
@@ -244,8 +243,8 @@ def model_config(args):
 
 def layer_options(name: str, options: dict, per_gpu_batch: int, model_cfg) -> dict:
     """What `normbench train norm=NAME` passes to the layer: configs/norm/NAME.yaml (groups = the model's
-    norm_groups) with ``options`` on top, through normbench.train.norm_options (per_gpu_batch where accepted)."""
-    from normbench.train import norm_options as trainer_norm_options
+    norm_groups) with ``options`` on top, through normbench.config.norm_options (per_gpu_batch where accepted)."""
+    from normbench.config import norm_options as trainer_norm_options
 
     norm = OmegaConf.load(CONFIG_DIR / "norm" / f"{name}.yaml")
     if "channels_per_group" in options and "groups" not in options and "groups" in norm:
@@ -260,10 +259,10 @@ class Runner:
 
     ``kind``: ``norm`` (the trainer's step function for the norm, in ``args.mode``), ``plain_bn`` (nn.BatchNorm2d,
     the same step function), ``hand_loop`` (the minimal loop, the model compiled as in ``args.mode``) or
-    ``trainer`` (normbench.train.train_one_epoch over the same batch)."""
+    ``trainer`` (normbench.loop.train_one_epoch over the same batch)."""
 
     def __init__(self, args, cfg, label, name, options, per_gpu_batch, device, kind="norm"):
-        from normbench.train import make_steps
+        from normbench.fast import make_steps
 
         self.label, self.per_gpu_batch, self.kind = label, per_gpu_batch, kind
         self.images_per_step = args.gpus * per_gpu_batch
@@ -294,7 +293,7 @@ class Runner:
 
     def _trainer_setup(self, fast) -> None:
         from normbench import distributed
-        from normbench.train import Loop
+        from normbench.loop import Loop
 
         self.loop = Loop(
             device=self.device,
@@ -307,9 +306,7 @@ class Runner:
             scaler=torch.amp.GradScaler(self.device.type, enabled=False),
             forward_loss=self.forward_loss,
             eval_forward=None,
-            compiled=fast["compile"],
-            cuda_graphs=fast["cuda_graphs"],
-            first_epoch=-1,  # no compile-time log line from the benchmark's epochs
+            cuda_graphs=fast["cuda_graphs"],  # compile_pending stays False: warm-up steps compile, untimed
         )
         self.trainer_cfg = OmegaConf.create(
             {"gpus": self.args.gpus, "per_gpu_batch": self.per_gpu_batch, "epochs": 1, "logger": {"check_every": 50}}
@@ -338,7 +335,7 @@ class Runner:
         self.sync()
         start = time.perf_counter()
         if self.kind == "trainer":
-            from normbench.train import train_one_epoch
+            from normbench.loop import train_one_epoch
 
             loader = _RepeatedBatch(self.images, self.labels, steps)
             row = train_one_epoch(self.model, loader, self.optimizer, self.scheduler, 0, self.trainer_cfg, self.loop)
@@ -560,7 +557,7 @@ def write_gpu_json(args, device, measured) -> pathlib.Path:
     same keys of the model's section, everything else is kept, so one file gathers a GPU session's runs."""
     import datetime
 
-    from normbench.runs import git_state
+    from normbench.provenance import git_state
 
     path = pathlib.Path(args.json)
     data = json.loads(path.read_text()) if path.exists() else {}

@@ -101,6 +101,15 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _no_inherited_command_start(monkeypatch):
+    """An in-process `normbench` command notes its start time in os.environ (for force=true); no later test's
+    subprocesses may inherit it."""
+    from normbench.runs import FORCE_SINCE_ENV
+
+    monkeypatch.delenv(FORCE_SINCE_ENV, raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_global_rng():
     """train() and the layers reseed torch's global RNG: restore every global RNG so no test's outcome depends
     on which tests ran before it."""

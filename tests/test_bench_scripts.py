@@ -23,6 +23,16 @@ def _load_script():
     return module
 
 
+def _bench_train(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """scripts/bench_train.py in a subprocess on the CPU (one thread); fails the test if it exits non-zero."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def _table_rows(stdout: str) -> dict[str, list[str]]:
     rows = {}
     for line in stdout.splitlines():
@@ -34,17 +44,7 @@ def _table_rows(stdout: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_bench_train_ci_smoke_bn_against_itself_is_1x(tmp_path):
-    out = tmp_path / "bench"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--ci", "--quiet", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _bench_train("--ci", "--quiet", "--out", str(tmp_path / "bench"))
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("bench_train | device: cpu") and "torch " + _torch_version() in lines[0]
     assert "dtype float32" in lines[0]
@@ -89,17 +89,8 @@ def test_bench_train_compiled_mode_and_gpu_json_merge(tmp_path):
     model's section into the file and keeps the others (a GPU session's ResNet-50 and CIFAR runs)."""
     gpu_json = tmp_path / "gpu.json"
     gpu_json.write_text(json.dumps({"cifar_resnet20": {"epoch_s": {"bn@8x32": 1.0}}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     args = ["--ci", "--quiet", "--mode", "compiled", "--norms", "bn", "--per-gpu-batch", "4", "--repeats", "1"]
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--json", str(gpu_json)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _bench_train(*args, "--json", str(gpu_json), timeout=300)
     assert "| mode compiled" in proc.stdout.splitlines()[0]
     data = json.loads(gpu_json.read_text())
     assert data["cifar_resnet20"] == {"epoch_s": {"bn@8x32": 1.0}}  # another model's section is kept

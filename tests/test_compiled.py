@@ -223,22 +223,43 @@ def test_compiled_layer_matches_float64_formula(name, channels_last, device):
 
 @needs_cxx
 def test_compiled_brn_schedule_reads_the_step_before_its_update():
-    """The schedule's rmax/dmax come from num_batches_tracked, which the same step increments: the compiled
-    gradients must use the value before (the reference: eager, checked against the formula in
-    test_norms_batch)."""
-    torch.manual_seed(0)
-    layer = build_norm("brn", 4, schedule=True, warmup_steps=1, rmax_steps=3, dmax_steps=3, per_gpu_batch=2).double()
+    """The schedule's rmax/dmax come from num_batches_tracked, which the same step increments: over four steps
+    through the warm-up and the ramps, the compiled gradients follow the float64 formula with the limits of the
+    step count before each step, and the running statistics the per-GPU BN update."""
+    warmup, ramp_end, rmax_max, dmax_max = 1, 3, 3.0, 5.0
+    layer = build_norm(
+        "brn",
+        4,
+        schedule=True,
+        warmup_steps=warmup,
+        rmax_steps=ramp_end,
+        dmax_steps=ramp_end,
+        rmax_max=rmax_max,
+        dmax_max=dmax_max,
+        per_gpu_batch=2,
+        momentum=MOMENTUM,
+    ).double()
+    set_affine(layer)
     with torch.no_grad():
         layer.running_mean.copy_(0.5 * rand(4, seed=6))
         layer.running_var.copy_(rand(4, seed=5).abs() + 0.5)
-    eager = copy.deepcopy(layer)
     compiled = torch.compile(layer, backend="inductor", fullgraph=True, dynamic=False)
     for step in range(4):
-        x = rand(8, 4, 3, 3, seed=20 + step) * 3.0
+        ramp = min(max((step - warmup) / (ramp_end - warmup), 0.0), 1.0)  # the schedule, written from its doc
+        rmax, dmax = 1.0 + (rmax_max - 1.0) * ramp, dmax_max * ramp
+        rm, rv = layer.running_mean.detach().clone(), layer.running_var.detach().clone()
+        x = (rand(8, 4, 3, 3, seed=20 + step) * 3.0).requires_grad_(True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
         upstream = rand(8, 4, 3, 3, seed=30 + step)
-        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        (compiled(xa) * upstream).sum().backward()
-        (eager(xb) * upstream).sum().backward()
-        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-9, msg=f"step {step}")
-        torch.testing.assert_close(layer.weight.grad, eager.weight.grad, rtol=1e-9, atol=1e-9, msg=f"step {step}")
-    assert int(layer.num_batches_tracked) == int(eager.num_batches_tracked) == 4
+        layer.zero_grad()
+        (compiled(x) * upstream).sum().backward()
+        ref = ref_brn_train(x_ref, params["weight"], params["bias"], rm, rv, 2, rmax, dmax)
+        (ref * upstream).sum().backward()
+        where = f"step {step} (rmax {rmax}, dmax {dmax})"
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-9, msg=where)
+        torch.testing.assert_close(layer.weight.grad, params["weight"].grad, rtol=1e-9, atol=1e-9, msg=where)
+        rm1, rv1 = _running_after(rm, rv, x.detach(), 2)
+        torch.testing.assert_close(layer.running_mean, rm1, rtol=1e-9, atol=1e-9, msg=where)
+        torch.testing.assert_close(layer.running_var, rv1, rtol=1e-9, atol=1e-9, msg=where)
+    assert int(layer.num_batches_tracked) == 4

@@ -68,6 +68,14 @@ def _one_error_line(proc) -> str:
     return lines[0]
 
 
+def _rejected_in_one_line(tmp_path, override) -> str:
+    """`normbench train` with the override fails in one line before anything is written (not even Hydra's
+    .hydra/ directory); returns the line."""
+    line = _one_error_line(cli("train", *TINY, override, f"results_dir={tmp_path / 'runs'}"))
+    assert not (tmp_path / "runs").exists()
+    return line
+
+
 @pytest.mark.parametrize(
     "override, named",
     [
@@ -87,10 +95,8 @@ def _one_error_line(proc) -> str:
     ],
 )
 def test_a_bad_value_fails_in_one_line_naming_the_key_before_anything_is_written(tmp_path, override, named):
-    proc = cli("train", *TINY, override, f"results_dir={tmp_path / 'runs'}")
-    line = _one_error_line(proc)
+    line = _rejected_in_one_line(tmp_path, override)
     assert f"{named}=" in line and "must be" in line and "e.g." in line, line
-    assert not (tmp_path / "runs").exists()  # not even Hydra's .hydra/ directory
 
 
 @pytest.mark.parametrize(
@@ -104,11 +110,9 @@ def test_a_bad_value_fails_in_one_line_naming_the_key_before_anything_is_written
     ],
 )
 def test_an_unknown_key_with_or_without_plus_names_the_nearest_real_key(tmp_path, override, nearest):
-    proc = cli("train", *TINY, override, f"results_dir={tmp_path / 'runs'}")
-    line = _one_error_line(proc)
+    line = _rejected_in_one_line(tmp_path, override)
     assert f"unknown key {override.lstrip('+').split('=')[0]}" in line and f"did you mean {nearest}?" in line, line
     assert "+" not in line.split("unknown key")[1], line  # never the advice to add a key
-    assert not (tmp_path / "runs").exists()
 
 
 def test_a_documented_plus_key_is_still_accepted():

@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
+from normbench.fast import fast_settings
 from normbench.norms import NORM_NAMES, build_norm
-from normbench.train import fast_settings, train
+from normbench.train import train
 
 from conftest import TINY, compose
 

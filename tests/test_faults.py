@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from normbench.runs import INTERRUPT_SIGNALS
+from normbench.interrupts import INTERRUPT_SIGNALS
 
 from conftest import REPO, TINY, cli
 
@@ -322,13 +323,21 @@ def _mount_tmpfs(path: Path, options: str) -> bool:
     )
 
 
+@contextmanager
+def _tmpfs_or_skip(path: Path, size: str):
+    """A real file system of `size` at `path` to fill; the test is skipped without root and tmpfs mounts."""
+    if os.geteuid() != 0 or not _mount_tmpfs(path, f"size={size}"):
+        pytest.skip("needs root and tmpfs mounts to fill a real file system")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    mount = tmp_path / "small"
-    if os.geteuid() != 0 or not _mount_tmpfs(mount, "size=256k"):
-        pytest.skip("needs root and tmpfs mounts to fill a real file system")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with _tmpfs_or_skip(tmp_path / "small", "256k") as mount:
+        yield mount
 
 
 def test_disk_full_fails_in_one_line_and_leaves_no_half_written_file(small_tmpfs):
@@ -477,11 +486,8 @@ def test_force_retrains_only_results_older_than_the_command(tmp_path):
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    mount = tmp_path / "fs"
-    if os.geteuid() != 0 or not _mount_tmpfs(mount, "size=64m"):
-        pytest.skip("needs root and tmpfs mounts to fill a real file system")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with _tmpfs_or_skip(tmp_path / "fs", "64m") as mount:
+        yield mount
 
 
 def _used(path: Path) -> int:

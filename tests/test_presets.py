@@ -54,9 +54,9 @@ def test_every_experiment_composes_and_resolves_at_every_preset(experiment, pres
 def test_every_cell_at_preset_local_builds_and_takes_a_training_step(experiment):
     """Group counts and channels per group must fit the width-8 model, per_gpu_batch the layers: build each
     cell's model as the trainer does and run one forward/backward on a step-sized batch."""
+    from normbench.config import norm_options
     from normbench.models import build_model
     from normbench.norms import norm_layer
-    from normbench.train import norm_options
 
     for job in _jobs(experiment, "local"):
         cfg = compose(job)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from normbench.runs import git_state
+from normbench.provenance import git_state
 
 from conftest import REPO, TINY, cli
 

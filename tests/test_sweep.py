@@ -24,6 +24,17 @@ def _grid(*overrides):
     return [dict(b) for b in cfg.sweep.grid], list(cfg.sweep.seeds), dict(cfg.sweep.allowed)
 
 
+def _two_sweeps_at_once(command: list[str], env: dict) -> list[dict]:
+    """Two copies of the sweep `command` started together; both must succeed; their summaries."""
+    procs = [
+        subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    return [_summary(o[0]) for o in outs]
+
+
 def _summary(stdout: str) -> dict:
     line = [l for l in stdout.splitlines() if re.match(r"sweep \S+: \d+ runs:", l)][-1]
     return {k: int(v) for v, k in re.findall(r"(\d+) (completed|skipped|resumed|diverged|busy|failed)", line)}
@@ -97,14 +108,7 @@ def test_two_sweeps_at_once_never_run_a_config_twice(tmp_path):
         *SWEEP_TINY,
         f"results_dir={tmp_path}",
     ]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    procs = [
-        subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    summaries = [_summary(o[0]) for o in outs]
+    summaries = _two_sweeps_at_once(command, {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     # the sweeps overlapped (else this proves nothing about locking): one found a run busy, or both trained
     assert any(s["busy"] for s in summaries) or all(s["completed"] >= 1 for s in summaries), summaries
     assert sum(s["completed"] for s in summaries) == 10  # each config trained exactly once
@@ -176,6 +180,7 @@ def test_sweep_tells_run_k_of_n_and_a_dry_run_lists_states_without_writing(tmp_p
         "sweep.dry_run=true",
         "force=true",
         f"results_dir={tmp_path}",
+        env={"NORMBENCH_FORCE_SINCE": "0"},  # a start time inherited from an earlier command is not this one's
     )
     assert f"  redo     {run_dirs['bn'].name}" in forced.stdout  # force=true retrains a finished run
 
@@ -233,13 +238,7 @@ def test_force_with_two_workers_retrains_each_finished_run_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     env.pop("NORMBENCH_FORCE_SINCE", None)
     command = [sys.executable, "-m", "normbench.cli", *grid, "force=true"]
-    procs = [
-        subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    summaries = [_summary(o[0]) for o in outs]
+    summaries = _two_sweeps_at_once(command, env)
     assert sum(s["completed"] for s in summaries) == 4, summaries  # 4 trainings for a 4-run grid, not 5 or more
     replaced = sorted(tmp_path.rglob("*.replaced-*"))
     assert len(replaced) == 4  # each old result set aside once, never a result this sweep made

@@ -1,0 +1,112 @@
+"""Interrupts: every signal a terminal or a scheduler sends to end a process becomes :class:`Interrupted`, which
+the trainer records (status ``interrupted``) and the command reports in one line; never mistaken for a finished
+run. From the command's first line (``start_up_interrupts``), while a run trains (``interrupts_raise``), and
+held back while an epoch's record is written (``recording_epoch``).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any
+
+
+class Interrupted(BaseException):
+    """A signal asked the run to stop. A BaseException, like KeyboardInterrupt, so that no `except Exception`
+    (Hydra's job runner included) swallows it and a sweep stops instead of going on to the next run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Every signal a terminal (Ctrl-C, Ctrl-\\, a closed terminal or dropped ssh session: SIGHUP) or a scheduler
+# (SIGTERM, SLURM's --signal USR1/USR2, a CPU-time limit: SIGXCPU) sends to ask a process to end.
+INTERRUPT_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGXCPU")
+    if hasattr(signal, name)
+)
+_AT_DEFAULT = (signal.SIG_DFL, signal.default_int_handler)
+_before_start: dict[int, Any] = {}  # the handlers start_up_interrupts replaced
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def start_up_interrupts() -> None:
+    """From the command's first line, a signal raises Interrupted (one line, no traceback) instead of killing
+    the process in silence or printing a KeyboardInterrupt traceback; handlers set by someone else stay."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in INTERRUPT_SIGNALS:
+        previous = signal.getsignal(signum)
+        if previous in _AT_DEFAULT:
+            _before_start[signum] = previous
+            signal.signal(signum, _raise_interrupted)
+
+
+@contextmanager
+def interrupts_raise():
+    """Turn INTERRUPT_SIGNALS into `Interrupted` while the run trains. A handler someone else
+    installed is left alone: under submitit, SIGUSR2 requeues the job and ends it with sys.exit (a SystemExit
+    the run records as interrupted) and SIGTERM is deliberately ignored; a signal the parent set to be ignored
+    stays ignored (a non-interactive shell starts `cmd &` with SIGINT ignored). The first signal restores the previous
+    handlers, so a second Ctrl-C stops at once (the files on disk stay consistent: every write is atomic)."""
+    installed: dict[int, Any] = {}
+
+    def restore() -> None:
+        for signum, previous in installed.items():  # to the default, so a second signal stops at once
+            signal.signal(signum, _before_start.get(signum, previous) if previous is _raise_interrupted else previous)
+        installed.clear()
+
+    def handler(signum, frame):
+        restore()
+        if _deferred["depth"]:  # inside recording_epoch(): raised once the epoch's record is whole
+            _deferred["pending"] = signum
+            return
+        raise Interrupted(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in INTERRUPT_SIGNALS:
+            if signal.getsignal(signum) in (*_AT_DEFAULT, _raise_interrupted):
+                installed[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        restore()
+
+
+_deferred: dict[str, Any] = {"depth": 0, "pending": None}
+
+
+@contextmanager
+def recording_epoch():
+    """The epoch's record -- checkpoint, then metrics.jsonl -- is written whole: a signal of
+    `interrupts_raise` that lands inside is raised at the end, so an interrupted run's files always agree on
+    how many epochs it finished (a second signal still stops at once: the first restored the old handlers)."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+        pending, _deferred["pending"] = _deferred["pending"], None
+    if pending is not None and not _deferred["depth"]:
+        raise Interrupted(pending)
+
+
+def interruption_name(err: BaseException) -> str:
+    if isinstance(err, Interrupted):
+        return str(err)
+    return type(err).__name__  # KeyboardInterrupt, SystemExit (submitit's requeue)
+
+
+def interruption_exit_code(err: BaseException) -> int:
+    if isinstance(err, Interrupted):
+        return 128 + err.signum
+    if isinstance(err, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    code = getattr(err, "code", 1)
+    return code if isinstance(code, int) and code != 0 else 1

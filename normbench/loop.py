@@ -1,0 +1,140 @@
+"""The training loop, short enough to read in one sitting: one epoch of steps (``train_one_epoch``) and one
+evaluation pass (``evaluate``). A step processes ``gpus x per_gpu_batch`` images; the step function itself
+(eager or compiled) comes from normbench.fast.make_steps. No host sync inside a step: the divergence check and
+the progress bar read the loss every ``logger.check_every`` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from normbench import distributed
+from normbench.fast import autocast
+from normbench.tracking import progress
+
+log = logging.getLogger("normbench")
+
+
+class Diverged(Exception):
+    pass
+
+
+@dataclass
+class Loop:
+    """What every step needs besides the model, the data and the optimizer."""
+
+    device: torch.device
+    dist: distributed.Dist
+    raw_model: torch.nn.Module  # the model without DDP/compile wrappers (its buffers are the running stats)
+    channels_last: bool
+    sync_buffers_every_step: bool  # layers that read running stats while training (batch renorm) under DDP
+    show_progress: bool
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler  # a no-op unless fp16: bf16 and float32 need no loss scaling
+    forward_loss: Callable  # (images, labels) -> loss of the training model: compiled or eager (make_steps)
+    eval_forward: Callable  # images -> logits of the raw model in eval mode: compiled or eager
+    cuda_graphs: bool = False
+    compile_pending: bool = False  # the next step compiles: timed and logged once, then cleared
+
+    def autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, loop: Loop) -> dict:
+    model.train()
+    loader.set_epoch(epoch)
+    device, d = loop.device, loop.dist
+    images_per_step = cfg.gpus * cfg.per_gpu_batch
+    loss_sum = torch.zeros((), device=device)
+    compile_s = 0.0  # the first compiled step's time: kept out of images/s, which measures the compiled steps
+    start = time.perf_counter()
+    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", loop.show_progress)
+    for step, (images, labels) in enumerate(bar):
+        if loop.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if loop.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
+        first_compiled, loop.compile_pending = loop.compile_pending, False
+        if first_compiled:
+            compile_start = time.perf_counter()
+        loss = loop.forward_loss(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(optimizer)
+        loop.scaler.update()
+        scheduler.step()
+        if loop.sync_buffers_every_step:
+            distributed.average_buffers(loop.raw_model, d)
+        loss_sum += loss.detach()
+        if first_compiled:  # one wait for the device, once per run: the compile time is worth knowing
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compile_s = time.perf_counter() - compile_start
+            log.info("torch.compile: the first training step took %.1fs (compiling)", compile_s)
+        # Check for divergence only every so often: each check waits for the device.
+        if (step + 1) % cfg.logger.check_every == 0 or step + 1 == len(loader):
+            if distributed.broadcast_flag(not torch.isfinite(loss_sum).item(), d, device):
+                raise Diverged(epoch + 1)
+            if bar is not loader:
+                bar.set_postfix(
+                    {
+                        "loss": f"{loss_sum.item() / (step + 1):.3f}",
+                        "img/s": f"{(step + 1) * images_per_step / (time.perf_counter() - start - compile_s):.0f}",
+                    }
+                )
+    seconds = time.perf_counter() - start
+    loss_mean = distributed.all_reduce_sum(loss_sum.clone(), d).item() / (len(loader) * d.world_size)
+    steps_timed = len(loader) - (1 if compile_s else 0)
+    images_per_s = steps_timed * images_per_step / (seconds - compile_s) if steps_timed else 0.0
+    return {"train_loss": loss_mean, "images_per_s": images_per_s, "epoch_time_s": seconds}
+
+
+@torch.no_grad()
+def evaluate(model, loader, loop: Loop, forward: Callable | None = None) -> dict:
+    """Top-1/top-5 error and loss of ``model`` in eval mode; ``forward`` (images -> logits) replaces the eager
+    call, e.g. the compiled :attr:`Loop.eval_forward`, which gets a partial last batch padded to the full size
+    (every layer normalizes each image on its own in eval mode, so padding changes no other image's logits)."""
+    model.eval()
+    device = loop.device
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, loss sum, count
+    count, full_batch = 0, None
+    for images, labels in progress(loader, len(loader), "evaluate", loop.show_progress, delay_s=5):
+        if loop.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if forward is None:
+            with loop.autocast():
+                logits = model(images).float()
+        else:
+            full_batch = full_batch or images.shape[0]
+            pad = full_batch - images.shape[0]
+            if pad > 0:  # one static shape for the compiled forward: no recompile for the last batch
+                images = torch.cat([images, images.new_zeros((pad, *images.shape[1:]))])
+            logits = forward(images)[: labels.numel()]
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        totals[:3] += torch.stack(
+            [
+                (top[:, 0] == labels).sum(),
+                (top == labels[:, None]).any(1).sum(),
+                F.cross_entropy(logits, labels, reduction="sum"),
+            ]
+        ).double()
+        count += labels.numel()
+    totals[3] = count
+    top1, top5, loss, count = distributed.all_reduce_sum(totals, loop.dist).tolist()
+    return {
+        "top1_error": 100.0 * (1 - top1 / count),
+        "top5_error": 100.0 * (1 - top5 / count),
+        "eval_loss": loss / count,
+    }
+
+
+def median_last5(history: list[dict]) -> float | None:
+    errors = [row["top1_error"] for row in history[-5:]]
+    return statistics.median(errors) if errors else None
