@@ -266,24 +266,43 @@ def _check_relations(config: dict) -> None:
         )
 
 
-# ---- what the trainer derives from the config ----------------------------------------------------------
-TRAINER_NORM_KEYS = ("name", "reestimate_batches")  # read by the trainer, not passed to the layer
+# ---- the batch geometry: computed once per run, logged in one line -------------------------------------
+@dataclass(frozen=True)
+class BatchGeometry:
+    """A step of ``gpus x per_gpu_batch`` images; ``world_size`` processes each hold ``gpus / world_size`` of the
+    paper's GPUs (emulated on their device, image ``i`` of a process's batch on its GPU ``i mod k``: see
+    normbench.norms._common.split_gpus, where the contract is written)."""
 
+    gpus: int
+    per_gpu_batch: int
+    world_size: int = 1
 
-def norm_options(config: dict) -> dict:
-    """The norm node's options plus the top-level per_gpu_batch for the layers that take it (one source of
-    truth: the per-GPU batch of the paper's setting)."""
-    from normbench.norms import norm_options as accepted
+    @classmethod
+    def of(cls, config: dict, world_size: int = 1) -> BatchGeometry:
+        geometry = cls(int(config["gpus"]), int(config["per_gpu_batch"]), int(world_size))
+        if geometry.gpus % geometry.world_size:
+            raise ConfigError(
+                f"gpus={geometry.gpus} is not divisible by the world size {world_size}; "
+                f"launch a number of processes dividing {geometry.gpus}"
+            )
+        return geometry
 
-    options = {k: v for k, v in config["norm"].items() if k not in TRAINER_NORM_KEYS}
-    if "per_gpu_batch" in accepted(config["norm"]["name"]):
-        options["per_gpu_batch"] = config["per_gpu_batch"]
-    return options
+    @property
+    def images_per_step(self) -> int:
+        return self.gpus * self.per_gpu_batch
 
+    @property
+    def gpus_per_process(self) -> int:
+        return self.gpus // self.world_size
 
-def norm_label(config: dict) -> str:
-    return (
-        config["norm"]["name"]
-        + ("+pono_ms" if config["model"].get("pono_ms") else "")
-        + ("+ws" if config["model"]["weight_standardization"] else "")
-    )
+    @property
+    def images_per_process(self) -> int:
+        return self.gpus_per_process * self.per_gpu_batch
+
+    def describe(self) -> str:
+        processes = f"{self.world_size} processes x " if self.world_size > 1 else ""
+        return (
+            f"batch: {self.gpus} GPUs x {self.per_gpu_batch} images = {self.images_per_step} images per step; "
+            f"{processes}{self.gpus_per_process} GPU{'s' if self.gpus_per_process > 1 else ''} emulated per "
+            f"process ({self.images_per_process} images each)"
+        )

@@ -290,7 +290,7 @@ def result_record(
         "resumes": resumes,
         "requeues": requeue_count(),
         "wall_time_s": round(wall_time_s, 2),
-        "sn_importance": fields.pop("sn_importance"),
+        "sn_importance": fields.pop("sn_importance", None),  # SN only (NormSpec.recorded)
         "lr": fields.pop("lr"),
         **fields,
         "git": git_state(),

@@ -18,10 +18,10 @@ class Tracker:
     manager). A wandb failure never stops training: the local files are the record. Online mode that cannot
     reach the server within ONLINE_TIMEOUT_S falls back to offline (sync later with `wandb sync`)."""
 
-    def __init__(self, cfg, run_dir, name: str, run_id: str, config: dict, enabled: bool):
+    def __init__(self, config: dict, run_dir, name: str, run_id: str, enabled: bool):
         global _online_failed
         self.run = None
-        mode = cfg.logger.wandb.mode
+        mode = config["logger"]["wandb"]["mode"]
         if not enabled or mode == "disabled":
             return
         if mode == "online" and _online_failed:
@@ -32,8 +32,8 @@ class Tracker:
             log.warning("wandb disabled for this run (%s: %s)", type(err).__name__, err)
             return
         kwargs = dict(
-            project=cfg.logger.wandb.project,
-            group=cfg.experiment,
+            project=config["logger"]["wandb"]["project"],
+            group=config["experiment"],
             name=name,
             id=run_id,
             resume="allow",

@@ -465,17 +465,31 @@ def test_wandb_id_and_run_hash_separate_what_must_not_mix():
     assert runs.run_id(config("force=true")) == runs.run_id(config())
 
 
+def _sweep_job(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """What a submitit/SLURM job of a sweep runs: the Hydra task, not the `normbench` command, with the
+    command's environment (NORMBENCH_FORCE_SINCE included) inherited."""
+    code = "import sys; from normbench.train import main; sys.argv[0] = 'normbench train'; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **env},
+    )
+
+
 def test_force_retrains_only_results_older_than_the_command(tmp_path):
-    # Two workers of one force=true sweep share its start (NORMBENCH_FORCE_SINCE, set by the first `normbench`
-    # and inherited by its jobs): the second finds a result newer than that and leaves it.
+    # The jobs of one force=true sweep share its start (NORMBENCH_FORCE_SINCE, set by `normbench` and inherited
+    # by its jobs): a job that finds a result newer than that leaves it.
     args = [*TINY, "epochs=1", f"results_dir={tmp_path}"]
     assert cli("train", *args).returncode == 0
     since = {"NORMBENCH_FORCE_SINCE": repr(time.time())}
-    first = cli("train", *args, "force=true", env=since)
+    first = _sweep_job(*args, "force=true", env=since)
     assert first.returncode == 0 and "training it again" in first.stdout, first.stderr
     (run,) = [p.parent for p in tmp_path.rglob("result.json") if ".replaced-" not in str(p)]
     made = (run / "result.json").read_text()
-    second = cli("train", *args, "force=true", env=since)
+    second = _sweep_job(*args, "force=true", env=since)
     assert second.returncode == 0 and "trained again since this command started" in second.stdout, second.stdout
     assert "training it again" not in second.stdout
     assert (run / "result.json").read_text() == made and len(list(tmp_path.rglob("*.replaced-*"))) == 1

@@ -1,6 +1,6 @@
 """Report generator on synthetic result.json files, checked against hand-computed numbers.
 
-Paper numbers are typed in here from docs/papers.md section 1 (not read from normbench.papers),
+Paper numbers are typed in here from docs/papers.md section 1 (not read from normbench.report.papers),
 so a transcription slip in papers.py fails these tests.
 """
 

@@ -109,7 +109,7 @@ def _run_directory(config: dict):
     """The run's directory as train() names it: the precision `fast.amp: auto` resolves to on this machine's
     device is part of the run's hash (so a dry run on a CPU login node names the CPU runs)."""
     from normbench import runs
-    from normbench.train import fast_settings, resolve_device
+    from normbench.fast import fast_settings, resolve_device
 
     fast = fast_settings(config, resolve_device(config["device"]))
     config["fast"].update(amp=fast["amp"], channels_last=fast["channels_last"])

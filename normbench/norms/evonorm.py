@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from ._common import (
     NormLayer,
+    PerGPULayer,
     add_affine,
-    check_batch_options,
     check_channels,
     check_eps,
     check_input,
@@ -30,14 +30,10 @@ from .group_norm import resolve_groups
 __all__ = ["EvoNorm2dB0", "EvoNorm2dS0"]
 
 
-class EvoNorm2dB0(NormLayer, nn.Module):
+class EvoNorm2dB0(PerGPULayer, nn.Module):
     """``evonorm_b0``."""
 
     norm_name = "evonorm_b0"
-
-    @classmethod
-    def _check(cls, per_gpu_batch, momentum, eps):
-        check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
 
     def __init__(
         self,
@@ -52,9 +48,6 @@ class EvoNorm2dB0(NormLayer, nn.Module):
         self._check(per_gpu_batch, momentum, eps)
         fk = init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype, running_mean=False)
         self.v = nn.Parameter(torch.ones(num_channels, **fk))
-
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self.norm_name, x, self.num_channels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from normbench import papers
+from normbench.report import papers
 
 CellKey = tuple[str, str]  # (row key, column key)
 Values = dict[CellKey, float | None]

@@ -171,15 +171,13 @@ def table_section(layout: Layout, coll: Collection) -> list[str]:
 
 def trend_section(layout: Layout, coll: Collection, model, data) -> list[str]:
     md = ["## Trend", ""]
-    if not coll.runs:
-        pass
-    elif str(data).lower().startswith("imagenet"):
+    if coll.runs and str(data).lower().startswith("imagenet"):
         md += [
             f"Run on `{data}`: absolute numbers are comparable with the paper (same data), "
             "within the limits of the recipe actually used.",
             "",
         ]
-    else:
+    elif coll.runs:
         md += [
             f"> **Small-scale reproduction** (`{model}` on `{data}`, not ResNet-50 on ImageNet): absolute numbers "
             "are not comparable with the paper's. The TREND is what is held against the paper.",
