@@ -14,7 +14,7 @@ def _running_as_the_command() -> bool:
 
 
 if _running_as_the_command():  # first thing: a Ctrl-C while the imports run is one line, not a traceback
-    from normbench.interrupts import start_up_interrupts
+    from normbench.runs.interrupts import start_up_interrupts
 
     start_up_interrupts()
 

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normbench import bn_eval, disk_faults, distributed, interrupts, provenance, runs
+from normbench import bn_eval, distributed, runs
 from normbench.config import BatchGeometry, ConfigError, validate
 from normbench.data import DataBundle, DataError, build_data
 from normbench.fast import autocast, fast_settings, make_steps, resolve_device
@@ -32,6 +32,7 @@ from normbench.models import build_model
 from normbench.norms import NormConfigError, NormSpec, reads_running_stats_in_training
 from normbench.optim import build_optimizer, build_scheduler, learning_rate
 from normbench.paths import CONFIG_DIR
+from normbench.runs import disk_faults, interrupts, provenance
 from normbench.tracking import Tracker
 
 log = logging.getLogger("normbench")

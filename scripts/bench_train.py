@@ -557,7 +557,7 @@ def write_gpu_json(args, device, measured) -> pathlib.Path:
     same keys of the model's section, everything else is kept, so one file gathers a GPU session's runs."""
     import datetime
 
-    from normbench.provenance import git_state
+    from normbench.runs.provenance import git_state
 
     path = pathlib.Path(args.json)
     data = json.loads(path.read_text()) if path.exists() else {}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from normbench.interrupts import INTERRUPT_SIGNALS
+from normbench.runs.interrupts import INTERRUPT_SIGNALS
 
 from conftest import REPO, TINY, cli
 
@@ -191,7 +191,7 @@ def save_torch(path, obj):
             handle.write(b"x" * 65536)
             handle.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        runs._atomic(path, part)
+        runs.files._atomic(path, part)
     real_save(path, obj)
 runs.save_torch = save_torch
 from normbench.cli import main

@@ -204,7 +204,7 @@ def test_failed_write_leaves_no_temp_and_keeps_old_file(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(normbench.runs.os, "replace", boom)
+    monkeypatch.setattr(normbench.runs.files.os, "replace", boom)
     write_result(tmp_path / "r", norm="gn", groups=32, per_gpu_batch=4, seed=0, error=11.0)
     with pytest.raises(OSError):
         build_report("gn_table2", tmp_path / "r", out)

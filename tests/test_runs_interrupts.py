@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from normbench.interrupts import Interrupted, interrupts_raise, recording_epoch
+from normbench.runs.interrupts import Interrupted, interrupts_raise, recording_epoch
 
 
 @pytest.fixture(autouse=True)

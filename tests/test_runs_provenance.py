@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from normbench.provenance import git_state
+from normbench.runs.provenance import git_state
 
 from conftest import REPO, TINY, cli
 

@@ -81,14 +81,10 @@ def plan_jobs(base_jobs: list[list[str]], grid: list, seeds: list, allowed: dict
 
 
 def run_state(directory) -> str:
-    """done (a result that needs no more training: completed or diverged), partial (a checkpoint to resume
-    from) or new."""
+    """done / partial / new: normbench.runs.run_state, the trainer's own test (it reads, never moves a file)."""
     from normbench import runs
 
-    result = runs.read_json(directory / "result.json")  # not runs.read_result: it moves damaged files aside
-    if isinstance(result, dict) and result.get("status") in runs.FINAL_STATUSES:
-        return "done"
-    return "partial" if (directory / "checkpoint.pt").exists() else "new"
+    return runs.run_state(directory)
 
 
 def finished_since(directories, since: float) -> list[bool]:

@@ -1,0 +1,81 @@
+"""A run's identity: the hash of its *identifying* config names its directory and its dashboard id.
+
+Keys that only say where or how fast to run (results_dir, logging, data location, loader workers, fast-path
+switches whose effect is float error) are left out, so moving the data or turning on channels_last resumes the
+same run. The precision (`fast.amp`, resolved: a bf16 run is not an fp32 run) is part of the identity, and so
+is `data.decoder=gpu` (its pixels differ from PIL's by rounding; the default `pil` is left out of the hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+# Top-level keys, and dotted sub-keys, that never change what a run computes.
+# `experiment` is not identifying on disk (the directory already sits under it) but is part of the wandb id.
+NON_IDENTIFYING = (
+    "results_dir",
+    "logger",
+    "device",
+    "sweep",
+    "experiment",
+    "force",
+    "preset_name",
+    "claims",
+    "bn_eval",
+    "fast.channels_last",
+    "fast.compile",
+    "fast.cuda_graphs",
+    "fast.cudnn_benchmark",
+    "data.root",
+    "data.download",
+    "data.workers",
+    "data.eval_batch",
+)
+
+
+def identifying_config(config: dict) -> dict:
+    config = json.loads(json.dumps(config))  # deep copy of plain containers
+    for key in NON_IDENTIFYING:
+        node, *rest = key.split(".")
+        if not rest:
+            config.pop(node, None)
+        elif isinstance(config.get(node), dict):
+            config[node].pop(rest[0], None)
+    if config.get("fast") == {}:
+        config.pop("fast")
+    data = config.get("data")
+    if isinstance(data, dict) and data.get("decoder") == "pil":
+        # PIL decoding, the default: the path every ImageNet run took before data.decoder existed (same ids).
+        # data.decoder=gpu resamples (and, on CUDA, decodes) with different rounding: its own run.
+        data.pop("decoder")
+    return config
+
+
+def run_id(config: dict) -> str:
+    blob = json.dumps(identifying_config(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def run_name(config: dict) -> str:
+    """Readable prefix plus hash: cifar_resnet20-fashion_mnist-gn-8x32-s0-1a2b3c4d5e."""
+    return "-".join(
+        [
+            config["model"]["id"],
+            config["data"]["name"],
+            config["norm"]["name"],
+            f"{config['gpus']}x{config['per_gpu_batch']}",
+            f"s{config['seed']}",
+            run_id(config),
+        ]
+    )
+
+
+def run_dir(config: dict) -> Path:
+    return Path(config["results_dir"]) / config["experiment"] / run_name(config)
+
+
+def wandb_id(config: dict) -> str:
+    """The dashboard id: the run hash within its experiment (the same BN run in two tables is two runs)."""
+    return f"{config['experiment']}-{run_id(config)}"[:64]
