@@ -148,12 +148,17 @@ def _run(ctx: RunContext) -> dict:
     outcome = "resumed" if start_epoch else "completed"
     code_history = provenance.CodeHistory(state, start_epoch)  # every commit that trains part of the run
     if d.is_main:
-        runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
-        runs.write_text(directory / "overrides.yaml", OmegaConf.to_yaml(_command_line_overrides()))
-        runs.write_json(
-            directory / "env.json", {**provenance.environment(str(device)), "fast": fast, "world_size": d.world_size}
-        )
-        runs.write_metrics(directory / "metrics.jsonl", history)  # rebuilt from the checkpoint: never damaged
+        try:
+            runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+            runs.write_text(directory / "overrides.yaml", OmegaConf.to_yaml(_command_line_overrides()))
+            environment = {**provenance.environment(str(device)), "fast": fast, "world_size": d.world_size}
+            runs.write_json(directory / "env.json", environment)
+            runs.write_metrics(directory / "metrics.jsonl", history)  # rebuilt from the checkpoint: never damaged
+        except OSError as err:  # a disk that fills (or turns read-only) between the start-up check and here
+            problem = disk_faults.describe_environment_error(err, directory)
+            if problem is None:
+                raise
+            raise disk_faults.RunEnvironmentError(problem) from err
     train_model = model
     if d.enabled:  # per-GPU statistics: never broadcast rank 0's buffers (see distributed.average_buffers)
         train_model = torch.nn.parallel.DistributedDataParallel(

@@ -254,7 +254,14 @@ def test_train_records_top1_error_by_eval(tmp_path):
     (result,) = (tmp_path / "on").rglob("result.json")
     assert json.loads(result.read_text())["top1_error_by_eval"] == by_eval
     off = train_tiny(tmp_path / "off", "norm=bn", "bn_eval.enabled=false")
-    assert "top1_error_by_eval" not in off and off["run_id"] == on["run_id"]  # an evaluation, not the training
+    assert "top1_error_by_eval" not in off
+    # bn_eval.enabled is an evaluation, not the training: not in the id; a non-default PreciseBN count is, as
+    # it changes a recorded number
+    from normbench.runs import run_id
+
+    default_count = json.loads(result.read_text())["config"]
+    default_count["bn_eval"]["precise_bn_images"] = 8192
+    assert off["run_id"] == run_id(default_count) != on["run_id"]
     assert off["top1_error_final"] == on["top1_error_final"]
     assert train_tiny(tmp_path / "gn", "norm=gn")["top1_error_by_eval"].keys() == {"ema"}
 

@@ -355,6 +355,26 @@ def test_disk_full_fails_in_one_line_and_leaves_no_half_written_file(small_tmpfs
         assert json.loads(result.read_text())["status"] == "failed"
 
 
+def test_a_disk_already_full_at_start_fails_in_one_line_and_writes_nothing(small_tmpfs):
+    # every block taken: creating an empty file still works there, writing a byte does not
+    with open(small_tmpfs / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:  # ENOSPC: full
+            pass
+    before = sorted(p.name for p in small_tmpfs.rglob("*"))
+    for command in ("train", "sweep"):
+        extra = ["experiment=gn_table2", "preset=local"] if command == "sweep" else list(TINY)
+        proc = cli(command, *extra, f"results_dir={small_tmpfs}")
+        assert proc.returncode != 0
+        assert _stderr_lines(proc) == [
+            f"normbench {command}: error: disk full in {small_tmpfs} (No space left on device); free space on "
+            "that file system or set results_dir= to another one"
+        ], proc.stderr
+        assert sorted(p.name for p in small_tmpfs.rglob("*")) == before  # not even Hydra's directory
+
+
 def test_read_only_results_dir_fails_in_one_line_even_for_a_finished_run(tmp_path):
     mount = tmp_path / "ro"
     root_and_mounts = os.geteuid() == 0 and _mount_tmpfs(mount, "size=4m")

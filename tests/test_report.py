@@ -399,3 +399,38 @@ def test_pono_ms_layout_places_the_three_norms_and_has_no_paper_numbers(tmp_path
         assert float(row["mean"]) == pytest.approx(sum(errs) / len(errs)) and row["paper"] == ""
     assert "PONO-MS - GN at 32 images/GPU: -1.50" in s.markdown
     assert "PONO-MS - GN at 2 images/GPU: -1.00" in s.markdown
+
+
+@pytest.mark.parametrize(
+    "field, value, named",
+    [
+        ("gpus", "8", "`gpus`"),
+        ("per_gpu_batch", None, "`per_gpu_batch`"),
+        ("per_gpu_batch", True, "`per_gpu_batch`"),
+        ("norm", 5, "`norm`"),
+        ("norm_options", [32], "`norm_options`"),
+        ("git", {"commit": 1234, "dirty": False}, "`git.commit`"),
+        ("git", {"commit": "abc", "dirty": "no"}, "`git.dirty`"),
+        ("config", "preset", "`config`"),
+        ("top1_error_by_eval", 3.0, "`top1_error_by_eval`"),
+    ],
+)
+def test_a_damaged_field_is_named_and_its_run_left_out(tmp_path, capsys, field, value, named):
+    """Every field the report reads, damaged in a real result.json: the command exits 0, the report says which
+    file and field, and the table is built from the other runs (no TypeError)."""
+    from normbench.cli import main
+
+    root = tmp_path / "r"
+    write_result(root, norm="bn", per_gpu_batch=32, error=23.0)
+    damaged = write_result(root, norm="gn", per_gpu_batch=32, error=24.0)
+    data = json.loads(damaged.read_text())
+    data[field] = value
+    damaged.write_text(json.dumps(data))
+    assert main(["report", "experiment=gn_table2", f"results_dir={root}"]) == 0
+    out = capsys.readouterr().out
+    assert "1 completed" in out, out
+    md = (root / "reports" / "gn_table2.md").read_text()
+    assert f"Damaged result file skipped: `{damaged}`: {named} is" in md
+    cells = read_csv(root / "reports" / "gn_table2.csv")
+    assert fl(cells[("BN", "32", "top1_error_median_last5")]["mean"]) == 23.0
+    assert fl(cells[("GN", "32", "top1_error_median_last5")]["mean"]) is None  # its one run was left out

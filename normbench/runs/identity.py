@@ -35,8 +35,14 @@ NON_IDENTIFYING = (
 )
 
 
+PRECISE_BN_IMAGES_DEFAULT = 8192  # configs/train.yaml's; runs made with it keep the ids they had before
+
+
 def identifying_config(config: dict) -> dict:
     config = json.loads(json.dumps(config))  # deep copy of plain containers
+    # bn_eval only adds evaluations of the final model, but PreciseBN's image count changes the number it
+    # records: a non-default count is part of the identity
+    precise_bn_images = (config.get("bn_eval") or {}).get("precise_bn_images", PRECISE_BN_IMAGES_DEFAULT)
     for key in NON_IDENTIFYING:
         node, *rest = key.split(".")
         if not rest:
@@ -50,6 +56,8 @@ def identifying_config(config: dict) -> dict:
         # PIL decoding, the default: the path every ImageNet run took before data.decoder existed (same ids).
         # data.decoder=gpu resamples (and, on CUDA, decodes) with different rounding: its own run.
         data.pop("decoder")
+    if precise_bn_images != PRECISE_BN_IMAGES_DEFAULT:
+        config["bn_eval"] = {"precise_bn_images": precise_bn_images}
     return config
 
 
