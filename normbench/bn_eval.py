@@ -42,7 +42,7 @@ from normbench import distributed
 from normbench.norms import batch_statistic_layers, buffers_kept
 from normbench.norms.reestimate import reestimate_statistics
 
-__all__ = ["evaluations", "batch_statistic_layers", "precise_bn", "batch_stats_model", "regroup", "EVALS"]
+__all__ = ["evaluations", "batch_statistic_layers", "precise_bn", "batch_stats_model", "Regrouped", "EVALS"]
 
 EVALS = ("ema", "precise_bn", "batch_stats")
 PRECISE_BN_FIRST_EPOCH = -1  # the loader epoch PreciseBN reads (then -2, ...): no training epoch uses it
@@ -128,11 +128,11 @@ class _OwnBatchStatistics(nn.Module):
 
 
 def batch_stats_model(model: nn.Module, per_gpu_batch: int) -> nn.Module:
-    """``model`` seen through :class:`_OwnBatchStatistics` (call it in eval mode, on :func:`regroup`'s batches)."""
+    """``model`` seen through :class:`_OwnBatchStatistics` (call it in eval mode, on :class:`Regrouped`'s batches)."""
     return _OwnBatchStatistics(model, batch_statistic_layers(model), per_gpu_batch)
 
 
-class regroup:
+class Regrouped:
     """An eval loader re-batched so that every batch but the last is a multiple of ``per_gpu_batch`` images
     (the few images a batch leaves over are carried into the next), so no group of ``per_gpu_batch`` test images
     is cut by the loader's batch size. Order and images unchanged."""
@@ -211,6 +211,6 @@ def evaluations(
         precise_bn(model, train_loader, images=precise_bn_images, forward=forward, dist=dist)
         result["precise_bn"] = evaluate(model, eval_loader)["top1_error"]
         restore_buffers()
-        test_batches = regroup(eval_loader, per_gpu_batch, group_batch)
+        test_batches = Regrouped(eval_loader, per_gpu_batch, group_batch)
         result["batch_stats"] = evaluate(batch_stats_model(model, per_gpu_batch), test_batches)["top1_error"]
     return result

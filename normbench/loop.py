@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from normbench import distributed
 from normbench.fast import autocast
-from normbench.tracking import progress
+from normbench.progress import progress
 
 log = logging.getLogger("normbench")
 

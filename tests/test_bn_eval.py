@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.bn_eval import batch_statistic_layers, batch_stats_model, evaluations, precise_bn, regroup
+from normbench.bn_eval import Regrouped, batch_statistic_layers, batch_stats_model, evaluations, precise_bn
 from normbench.norms import build_norm
 
 from conftest import REPO, TINY, compose
@@ -127,7 +127,7 @@ def test_batch_stats_normalizes_each_group_of_test_images_with_its_own_statistic
 def test_regroup_carries_the_leftover_images_and_keeps_the_order():
     xs = [rand(s, 1, 2, 2, seed=s) for s in (5, 5, 3)]
     loader = [(x, torch.arange(x.shape[0])) for x in xs]
-    out = list(regroup(loader, 4))
+    out = list(Regrouped(loader, 4))
     assert [x.shape[0] for x, _ in out] == [4, 4, 4, 1]
     torch.testing.assert_close(torch.cat([x for x, _ in out]), torch.cat(xs), rtol=0, atol=0)
 
@@ -353,6 +353,6 @@ def test_batch_stats_do_not_depend_on_the_eval_batch_which_is_not_part_of_the_ru
 
 def test_regroup_to_a_fixed_batch_keeps_every_image_in_order():
     loader = [(torch.arange(i, i + 5), torch.arange(i, i + 5)) for i in range(0, 23, 5)]  # 25 images in fives
-    out = list(regroup(loader, 4, batch=8))
+    out = list(Regrouped(loader, 4, batch=8))
     assert [x.shape[0] for x, _ in out] == [8, 8, 8, 1]
     assert torch.equal(torch.cat([x for x, _ in out]), torch.arange(25))

@@ -271,7 +271,7 @@ def figure_section(layout: Layout, imp, png_name: str) -> list[str]:
     else:
         md.append("Filled bars: reproduced mean ± std; hatched: paper.")
     md.append(FIGURE_RELATIVE[layout.figure])
-    if layout.name == "gn_table1":
+    if layout.training_curves:
         md.append(
             "Training curves (bottom): mean training loss per epoch and validation top-1 error after each "
             "epoch, mean over seeds (`metrics.jsonl`; per-epoch training error is not recorded, so training "
