@@ -141,6 +141,11 @@ RULES: dict[str, Rule] = {
     "sweep.seeds": Rule(lambda v: isinstance(v, list) and all(map(SEED.check, v)), "a list of seeds", "[0,1,2]"),
     "sweep.allowed": MAPPING,
     "sweep.dry_run": BOOL,
+    "sweep.workers": Rule(
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        "auto or a whole number >= 1",
+        "2",
+    ),
     "claims": LIST,  # judged by normbench.report.claims, which names a bad claim itself
     # model=
     "model.id": TEXT,

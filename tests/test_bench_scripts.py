@@ -191,3 +191,27 @@ def test_bench_data_smoke_one_table_and_files(tmp_path):
     assert data["device"] == "cpu" and "commit" in data["git"] and len(data["results"]) == 3
     assert all(r["images_per_epoch"] == 32 and len(r["samples"]) == 1 for r in data["results"])
     assert lines[0] in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_sweep_smoke_times_one_and_two_workers(tmp_path):
+    """scripts/bench_sweep.py on a tiny synthetic grid: one table, a row per worker count with every run of the
+    grid trained, 1.00x for the baseline by construction, and its files."""
+    from conftest import TINY
+
+    extra = " ".join(a for a in TINY if not a.startswith(("per_gpu_batch=", "epochs="))) + " epochs=1"
+    args = ["--preset", "none", "--grid", "per_gpu_batch=8,4", "--workers", "1,2", "--extra", extra]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_sweep.py"), *args, "--out", str(tmp_path / "sweep")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines() if line[:3] == "| 1"]
+    rows += [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines() if line[:3] == "| 2"]
+    assert [(r[0], r[1]) for r in rows] == [("1", "4"), ("2", "4")] and rows[0][4] == "1.00x", proc.stdout
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["workers"] for r in data["rows"]] == [1, 2] and all(r["runs"] == 4 for r in data["rows"])

@@ -143,6 +143,8 @@ def mark_command_start() -> None:
     jobs and their requeues, which inherit the environment and never call this). Each command sets it afresh: a
     value inherited from an earlier command (a shell, a notebook, a test process) would make force=true skip
     results that command made."""
+    if os.environ.get("NORMBENCH_SWEEP_WORKER") and FORCE_SINCE_ENV in os.environ:
+        return  # a worker process of a sweep (normbench.sweep_workers): the sweep's start is its own
     os.environ[FORCE_SINCE_ENV] = repr(time.time())
 
 
