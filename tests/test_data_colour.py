@@ -275,7 +275,10 @@ def test_off_is_the_crop_and_flip_pipeline_as_before(folder):
 
 
 def test_colour_is_in_the_run_id_and_off_keeps_old_ids():
-    from normbench.runs import run_id
+    from normbench.data.colour import KEYS
+    from normbench.runs import COLOUR_AUGMENT_KEYS, run_id
+
+    assert COLOUR_AUGMENT_KEYS == KEYS  # runs.py does not import the data layer: its own copy
 
     def config(**augment):
         data = {"name": "imagenet", "image_size": 224, "augment": {"min_scale": 0.08, "flip": True, **augment}}
