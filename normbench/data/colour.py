@@ -15,10 +15,11 @@ drawn and applied anyway, as fb.resnet.torch's procedure has it. The horizontal 
 
 The draws (:func:`draw`) use the CPU default generator, which both ImageNet decoders have seeded from the image's
 position seed just after its crop and flip draws: the same image gets the same colour whatever the decoder, world
-size or workers. :func:`apply` is batched and device-agnostic (the PIL path runs it on one image, the gpu path on
-the device batch). Each image's three blends and its lighting compose into one affine colour map
-``y = M x + c`` (``M`` 3x3, ``c`` a colour; contrast's mean grey follows from the image's mean colour), so the
-image is read once for its mean and once for the map.
+size or workers. Each image's three blends and its lighting compose into one affine colour map ``y = M x + c``
+(``M`` 3x3; ``c`` a colour, affine in the image's mean colour through contrast's mean grey), computed from the
+draws on the host (:func:`colour_maps`, batched), so the image is read once for its mean and once for the map:
+:func:`apply` on a device batch (the gpu path's, with no host sync), :class:`ColourTransform` on one image (the
+PIL path's).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .common import DataError, opt
@@ -105,44 +107,46 @@ def draw(colour: ColourAugment) -> ColourDraw | None:
     return ColourDraw(order, factors, shift)
 
 
-def colour_maps(draws: list[ColourDraw], mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image the affine map ``(M, c)`` (``(B, 3, 3)``, ``(B, 3)``, float64 on ``mean_rgb``'s device) that the
-    blends then the lighting compose to, given each image's mean colour ``mean_rgb`` (``(B, 3)``).
+def colour_maps(draws: list[ColourDraw]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image the affine map the blends then the lighting compose to, from the draws alone (on the host, float64):
+    ``(M, K, c)`` of shapes ``(B, 3, 3)``, ``(B, 3, 3)``, ``(B, 3)`` with ``y = M x + K mean(x) + c`` for every
+    pixel ``x`` and the image's mean colour ``mean(x)``.
 
-    A blend with factor ``a`` is ``x -> T x + o 1`` with ``T = a I + (1 - a) 1 w^T`` for saturation (``w`` =
-    LUMA) and ``a I`` otherwise, and ``o = (1 - a) w^T mbar`` for contrast (``mbar``: the mean colour of the image
-    as it stands at that point, which follows the same map) and 0 otherwise."""
-    device = mean_rgb.device
+    A blend with factor ``a`` is ``x -> T x + o 1`` with ``T = a I + (1 - a) 1 w^T`` for saturation (``w`` = LUMA)
+    and ``a I`` otherwise, and ``o = (1 - a) w^T mbar`` for contrast, 0 otherwise; ``mbar``, the mean colour of the
+    image as it stands at that step, is ``(M + K) mean(x) + c``."""
     n = len(draws)
-    f64 = dict(dtype=torch.float64, device=device)
-    order = torch.tensor([d.order for d in draws], dtype=torch.int64, device=device)  # (B, 3)
-    factors = torch.tensor([d.factors for d in draws], **f64)  # (B, 3)
-    shift = torch.tensor([d.shift for d in draws], **f64)
-    w = torch.tensor(LUMA, **f64)
-    eye = torch.eye(3, **f64)
-    ones_w = torch.ones(3, 1, **f64) * w.view(1, 3)  # 1 w^T: every channel takes the grey
-    M = eye.expand(n, 3, 3).clone()
-    c = torch.zeros(n, 3, **f64)
-    mbar = mean_rgb.to(torch.float64)
+    order = np.array([d.order for d in draws], dtype=np.int64).reshape(n, 3)
+    factors = np.array([d.factors for d in draws], dtype=np.float64).reshape(n, 3)
+    w = np.array(LUMA)
+    eye = np.eye(3)
+    grey_rows = np.outer(np.ones(3), w)  # 1 w^T: every channel takes the grey
+    M = np.tile(eye, (n, 1, 1))
+    K = np.zeros((n, 3, 3))
+    c = np.zeros((n, 3))
     for step in range(3):
         op = order[:, step]
-        a = factors.gather(1, op.view(n, 1)).view(n, 1, 1)
-        saturation = (op == JITTERS.index("saturation")).to(torch.float64).view(n, 1, 1)
-        contrast = (op == JITTERS.index("contrast")).to(torch.float64).view(n, 1)
-        T = a * eye + (1 - a) * saturation * ones_w
-        offset = (1 - a.view(n, 1)) * contrast * (mbar @ w).view(n, 1)  # the same for R, G, B
+        a = factors[np.arange(n), op]
+        saturation = op == JITTERS.index("saturation")
+        contrast = (op == JITTERS.index("contrast")) * (1 - a)  # the weight of the mean grey
+        T = a[:, None, None] * eye + ((1 - a) * saturation)[:, None, None] * grey_rows
+        grey_of_mean = w @ (M + K)  # (n, 3): w^T (M + K), the mean grey's dependence on mean(x)
+        K = T @ K + contrast[:, None, None] * grey_of_mean[:, None, :]
+        c = np.einsum("nij,nj->ni", T, c) + (contrast * (c @ w))[:, None]
         M = T @ M
-        c = (T @ c.unsqueeze(-1)).squeeze(-1) + offset
-        mbar = (T @ mbar.unsqueeze(-1)).squeeze(-1) + offset
-    return M, c + shift
+    return M, K, c + np.array([d.shift for d in draws], dtype=np.float64).reshape(n, 3)
 
 
 def apply(x: torch.Tensor, draws: list[ColourDraw]) -> torch.Tensor:
-    """Colour-augment a float batch ``(B, 3, H, W)`` of pixels in [0, 1] (a new tensor, ``x``'s dtype)."""
-    M, c = colour_maps(draws, x.mean(dim=(2, 3), dtype=torch.float64))
-    M, c = M.to(x.dtype), c.to(x.dtype)
+    """Colour-augment a float batch ``(B, 3, H, W)`` of pixels in [0, 1] on any device (a new tensor, ``x``'s
+    dtype). The maps come from the host without waiting on the device (non-blocking copies); only the images'
+    mean colours are computed where the images are."""
+    M, K, c = (torch.from_numpy(a).to(x.device, non_blocking=True) for a in colour_maps(draws))
+    mean = x.mean(dim=(2, 3), dtype=torch.float64)
+    offset = (c + (K * mean.unsqueeze(1)).sum(-1)).to(x.dtype)  # c + K mean(x)
+    M = M.to(x.dtype)
     # Three broadcast multiply-adds rather than a matmul: no TF32 on CUDA, the same arithmetic on every device.
-    y = c.view(-1, 3, 1, 1) + M[:, :, 0, None, None] * x[:, 0:1]
+    y = offset.view(-1, 3, 1, 1) + M[:, :, 0, None, None] * x[:, 0:1]
     y += M[:, :, 1, None, None] * x[:, 1:2]
     y += M[:, :, 2, None, None] * x[:, 2:3]
     return y
@@ -156,7 +160,13 @@ class ColourTransform:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         d = draw(self.colour)
-        return x if d is None else apply(x.unsqueeze(0), [d])[0]
+        if d is None:
+            return x
+        (M,), (K,), (c,) = colour_maps([d])
+        offset = c + K @ x.mean(dim=(1, 2), dtype=torch.float64).numpy()
+        # a CPU matmul (no TF32 there): one pass over the image
+        M, offset = torch.from_numpy(M).to(x.dtype), torch.from_numpy(offset).to(x.dtype)
+        return torch.addmm(offset.view(3, 1), M, x.reshape(3, -1)).view(x.shape)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.colour})"
