@@ -112,29 +112,26 @@ def colour_maps(draws: list[ColourDraw]) -> tuple[np.ndarray, np.ndarray, np.nda
     ``(M, K, c)`` of shapes ``(B, 3, 3)``, ``(B, 3, 3)``, ``(B, 3)`` with ``y = M x + K mean(x) + c`` for every
     pixel ``x`` and the image's mean colour ``mean(x)``.
 
-    A blend with factor ``a`` is ``x -> T x + o 1`` with ``T = a I + (1 - a) 1 w^T`` for saturation (``w`` = LUMA)
-    and ``a I`` otherwise, and ``o = (1 - a) w^T mbar`` for contrast, 0 otherwise; ``mbar``, the mean colour of the
-    image as it stands at that step, is ``(M + K) mean(x) + c``."""
+    Every blend is ``x -> a x + s (1 - a) grey(x) 1 + t (1 - a) grey(mean) 1`` (``s``: saturation, ``t``:
+    contrast, ``grey(v) = w^T v``, ``w`` = LUMA), so the map after any number of them stays
+    ``alpha x + beta grey(x) 1 + kappa grey(mean(x)) 1``; since ``w^T 1 = 1``, a blend after it gives, in the
+    drawn order, ``alpha' = a alpha``, ``beta' = a beta + s (1 - a)(alpha + beta)`` and
+    ``kappa' = (a + s (1 - a)) kappa + t (1 - a)(alpha + beta + kappa)``: three scalars an image."""
     n = len(draws)
-    order = np.array([d.order for d in draws], dtype=np.int64).reshape(n, 3)
-    factors = np.array([d.factors for d in draws], dtype=np.float64).reshape(n, 3)
-    w = np.array(LUMA)
-    eye = np.eye(3)
-    grey_rows = np.outer(np.ones(3), w)  # 1 w^T: every channel takes the grey
-    M = np.tile(eye, (n, 1, 1))
-    K = np.zeros((n, 3, 3))
-    c = np.zeros((n, 3))
-    for step in range(3):
-        op = order[:, step]
-        a = factors[np.arange(n), op]
-        saturation = op == JITTERS.index("saturation")
-        contrast = (op == JITTERS.index("contrast")) * (1 - a)  # the weight of the mean grey
-        T = a[:, None, None] * eye + ((1 - a) * saturation)[:, None, None] * grey_rows
-        grey_of_mean = w @ (M + K)  # (n, 3): w^T (M + K), the mean grey's dependence on mean(x)
-        K = T @ K + contrast[:, None, None] * grey_of_mean[:, None, :]
-        c = np.einsum("nij,nj->ni", T, c) + (contrast * (c @ w))[:, None]
-        M = T @ M
-    return M, K, c + np.array([d.shift for d in draws], dtype=np.float64).reshape(n, 3)
+    alpha, beta, kappa = np.ones(n), np.zeros(n), np.zeros(n)
+    saturation, contrast = JITTERS.index("saturation"), JITTERS.index("contrast")
+    for i, d in enumerate(draws):
+        al, be, ka = 1.0, 0.0, 0.0
+        for op in d.order:
+            a = d.factors[op]
+            s = (1 - a) if op == saturation else 0.0
+            t = (1 - a) if op == contrast else 0.0
+            al, be, ka = a * al, a * be + s * (al + be), (a + s) * ka + t * (al + be + ka)
+        alpha[i], beta[i], kappa[i] = al, be, ka
+    grey_rows = np.outer(np.ones(3), LUMA)  # 1 w^T: every channel takes the grey
+    M = alpha[:, None, None] * np.eye(3) + beta[:, None, None] * grey_rows
+    K = kappa[:, None, None] * grey_rows
+    return M, K, np.array([d.shift for d in draws], dtype=np.float64).reshape(n, 3)
 
 
 def apply(x: torch.Tensor, draws: list[ColourDraw]) -> torch.Tensor:
