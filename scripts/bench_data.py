@@ -11,7 +11,7 @@ the end of each); the median is reported with its ratio to the fastest PIL row o
 
 ``--augment``: ``crop_flip`` (random-resized crop + flip), ``official`` (plus fb.resnet.torch's colour jitter and
 PCA lighting, configs/data/imagenet.yaml's default) or ``both`` (the default: every pipeline twice, and the
-official recipe's images/s as a fraction of crop_flip's, its cost).
+official recipe's images/s as a fraction of crop_flip's, its cost; the two alternate epoch by epoch).
 
 Without ``--root`` the images are generated first into a temporary directory in ImageNet's layout
 (train/<class>/*.JPEG): smooth colour gradients plus noise (JPEG-like content), ``--distinct`` different pictures
@@ -139,52 +139,65 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_one(root, args, decoder: str, workers: int, device: torch.device, augment: str, log) -> dict:
-    train = loader(root, args, decoder, workers, device, augment)
-    started = time.perf_counter()
-    train.set_epoch(0)
-    for k, _batch in enumerate(train if args.warmup else ()):
-        if k + 1 >= args.warmup:
-            break
+def timed_epoch(train, epoch: int, device: torch.device) -> float:
+    train.set_epoch(epoch)
     sync(device)
-    warm = time.perf_counter() - started
-    samples = []
-    images = len(train) * args.batch
-    for r in range(args.repeats):
-        train.set_epoch(r + 1)
-        sync(device)
-        start = time.perf_counter()
-        checksum = torch.zeros((), device=device)
-        for x, _ in train:
-            checksum += x[:, :, 0, 0].sum()  # the batch is used on the device (no lazy work left undone)
-        sync(device)
-        samples.append(images / (time.perf_counter() - start))
-        log(f"  {decoder} w={workers} {augment}: epoch {r + 1}/{args.repeats} {samples[-1]:.0f} img/s")
+    start = time.perf_counter()
+    checksum = torch.zeros((), device=device)
+    for x, _ in train:
+        checksum += x[:, :, 0, 0].sum()  # the batch is used on the device (no lazy work left undone)
+    sync(device)
     assert torch.isfinite(checksum)
-    del train
-    med = statistics.median(samples)
-    return {
-        "pipeline": decoder,
-        "workers": workers,
-        "augment": augment,
-        "images_per_epoch": images,
-        "images_per_s": med,
-        "samples": samples,
-        "spread": (max(samples) - min(samples)) / med,
-        "warmup_s": warm,
-    }
+    return len(train) * train.global_batch / (time.perf_counter() - start)
+
+
+def measure_pipeline(root, args, decoder: str, workers: int, device: torch.device, augments, log) -> list[dict]:
+    """One row per augmentation; their timed epochs alternate (A B A B ...), so a shared machine's load drifting
+    during the run weighs on each alike and their ratio, the colour augmentation's cost, stays fair."""
+    trains, warm = {}, {}
+    for augment in augments:
+        trains[augment] = train = loader(root, args, decoder, workers, device, augment)
+        started = time.perf_counter()
+        train.set_epoch(0)
+        for k, _batch in enumerate(train if args.warmup else ()):
+            if k + 1 >= args.warmup:
+                break
+        sync(device)
+        warm[augment] = time.perf_counter() - started
+    samples = {a: [] for a in augments}
+    for r in range(args.repeats):
+        for augment in augments:
+            samples[augment].append(timed_epoch(trains[augment], r + 1, device))
+            log(f"  {decoder} w={workers} {augment}: epoch {r + 1}/{args.repeats} {samples[augment][-1]:.0f} img/s")
+    rows = []
+    for augment in augments:
+        med = statistics.median(samples[augment])
+        rows.append(
+            {
+                "pipeline": decoder,
+                "workers": workers,
+                "augment": augment,
+                "images_per_epoch": len(trains[augment]) * args.batch,
+                "images_per_s": med,
+                "samples": samples[augment],
+                "spread": (max(samples[augment]) - min(samples[augment])) / med,
+                "warmup_s": warm[augment],
+            }
+        )
+    trains.clear()
+    return rows
 
 
 def measure(root, args, device, log) -> list[dict]:
     augments = AUGMENTS if args.augment == "both" else (args.augment,)
-    rows = []
+    measured = [measure_pipeline(root, args, "pil", w, device, augments, log) for w in args.worker_list]
+    measured.append(measure_pipeline(root, args, "gpu", args.gpu_workers, device, augments, log))
+    rows = [r for augment in augments for pipeline in measured for r in pipeline if r["augment"] == augment]
     for augment in augments:
-        group = [measure_one(root, args, "pil", w, device, augment, log) for w in args.worker_list]
-        group.append(measure_one(root, args, "gpu", args.gpu_workers, device, augment, log))
-        best = max((r["images_per_s"] for r in group if r["pipeline"] == "pil"), default=None)
-        for r in group:
-            r["vs_best_pil"] = r["images_per_s"] / best if best else None
-        rows += group
+        best = max((r["images_per_s"] for r in rows if r["pipeline"] == "pil" and r["augment"] == augment), default=0)
+        for r in rows:
+            if r["augment"] == augment:
+                r["vs_best_pil"] = r["images_per_s"] / best if best else None
     base = {(r["pipeline"], r["workers"]): r["images_per_s"] for r in rows if r["augment"] == "crop_flip"}
     for r in rows:  # the colour augmentation's cost: the same pipeline's images/s without it
         plain = base.get((r["pipeline"], r["workers"]))
