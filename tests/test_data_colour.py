@@ -123,8 +123,10 @@ def test_the_three_blends_commute_so_the_order_is_fidelity_not_effect():
     assert all((r - results[0]).abs().max() < 1e-12 for r in results)
 
 
-def test_a_batch_gets_each_images_own_draws():
-    """The gpu path's batched apply: every image of a batch with its own order and factors, as one at a time."""
+@pytest.mark.parametrize("matmul", [True, False], ids=["cpu_matmul", "cuda_broadcast"])
+def test_a_batch_gets_each_images_own_draws(matmul):
+    """The gpu path's batched apply (both of its forms, on the CPU): every image of a batch with its own order
+    and factors, as one at a time."""
     imgs = [picture(s) for s in range(8)]
     seeds = [7 * s + 3 for s in range(8)]
     draws = []
@@ -132,7 +134,7 @@ def test_a_batch_gets_each_images_own_draws():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             draws.append(draw(ColourAugment(**OFFICIAL)))
-    got = apply(torch.stack(imgs), draws)
+    got = apply(torch.stack(imgs), draws, matmul=matmul)
     orders = set()
     for img, seed, out in zip(imgs, seeds, got):
         order, u, n = colour_draws(seed)

@@ -134,15 +134,17 @@ def colour_maps(draws: list[ColourDraw]) -> tuple[np.ndarray, np.ndarray, np.nda
     return M, K, np.array([d.shift for d in draws], dtype=np.float64).reshape(n, 3)
 
 
-def apply(x: torch.Tensor, draws: list[ColourDraw]) -> torch.Tensor:
+def apply(x: torch.Tensor, draws: list[ColourDraw], matmul: bool | None = None) -> torch.Tensor:
     """Colour-augment a float batch ``(B, 3, H, W)`` of pixels in [0, 1] on any device (a new tensor, ``x``'s
     dtype). The maps come from the host without waiting on the device (non-blocking copies); only the images'
     mean colours are computed where the images are."""
     M, K, c = (torch.from_numpy(a).to(x.device, non_blocking=True) for a in colour_maps(draws))
-    mean = x.mean(dim=(2, 3), dtype=torch.float64)
+    mean = x.mean(dim=(2, 3)).to(torch.float64)
     offset = (c + (K * mean.unsqueeze(1)).sum(-1)).to(x.dtype)  # c + K mean(x)
     M = M.to(x.dtype)
-    # Three broadcast multiply-adds rather than a matmul: no TF32 on CUDA, the same arithmetic on every device.
+    if x.device.type == "cpu" if matmul is None else matmul:  # one matmul pass (no TF32 on the CPU)
+        return torch.baddbmm(offset.unsqueeze(-1), M, x.reshape(len(x), 3, -1)).view(x.shape)
+    # elsewhere three broadcast multiply-adds: a CUDA matmul could run in TF32 (torch's allow_tf32)
     y = offset.view(-1, 3, 1, 1) + M[:, :, 0, None, None] * x[:, 0:1]
     y += M[:, :, 1, None, None] * x[:, 1:2]
     y += M[:, :, 2, None, None] * x[:, 2:3]
@@ -160,7 +162,7 @@ class ColourTransform:
         if d is None:
             return x
         (M,), (K,), (c,) = colour_maps([d])
-        offset = c + K @ x.mean(dim=(1, 2), dtype=torch.float64).numpy()
+        offset = c + K @ x.mean(dim=(1, 2)).double().numpy()
         # a CPU matmul (no TF32 there): one pass over the image
         M, offset = torch.from_numpy(M).to(x.dtype), torch.from_numpy(offset).to(x.dtype)
         return torch.addmm(offset.view(3, 1), M, x.reshape(3, -1)).view(x.shape)
