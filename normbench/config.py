@@ -166,6 +166,11 @@ RULES: dict[str, Rule] = {
     "data.augment.rrc_ratio": Rule(_pair, "[lo, hi] with 0 < lo <= hi", "[0.75,1.3333333]"),
     "data.augment.flip": BOOL,
     "data.augment.min_scale": number(0, 1, low_open=True, example="0.08"),
+    # colour jitter strengths: a blend factor 1 + U(-s, s) stays >= 0
+    "data.augment.brightness": number(0, 1, example="0.4"),
+    "data.augment.contrast": number(0, 1, example="0.4"),
+    "data.augment.saturation": number(0, 1, example="0.4"),
+    "data.augment.lighting": number(0, example="0.1"),
     "data.mean": number_list(Rule(_is_number, "a number", "0.5")),
     "data.std": number_list(number(0, low_open=True), example="[0.25]"),
     "data.eval_batch": integer(1, example="1000"),

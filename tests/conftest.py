@@ -87,7 +87,7 @@ def pytest_collection_modifyitems(config, items):
         return
     no_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # not `in item.keywords`: a parameter id "gpu" is one too
             item.add_marker(no_cuda)
 
 

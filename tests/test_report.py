@@ -434,3 +434,48 @@ def test_a_damaged_field_is_named_and_its_run_left_out(tmp_path, capsys, field, 
     cells = read_csv(root / "reports" / "gn_table2.csv")
     assert fl(cells[("BN", "32", "top1_error_median_last5")]["mean"]) == 23.0
     assert fl(cells[("GN", "32", "top1_error_median_last5")]["mean"]) is None  # its one run was left out
+
+
+def _imagenet_config(seed: int, **colour) -> dict:
+    augment = {"min_scale": 0.08, "flip": True, **colour}
+    return {"seed": seed, "epochs": 10, "data": {"name": "imagenet", "image_size": 224, "augment": augment}}
+
+
+OFFICIAL_COLOUR = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "lighting": 0.1}
+
+
+def test_what_was_run_names_the_augmentation_and_never_averages_across_it(tmp_path):
+    r = tmp_path / "r"
+    w = lambda **k: write_result(r, data="imagenet", model="resnet50", **k)  # noqa: E731
+    w(norm="bn", per_gpu_batch=32, seed=0, error=23.0, config=_imagenet_config(0, **OFFICIAL_COLOUR))
+    w(norm="bn", per_gpu_batch=32, seed=1, error=23.4, config=_imagenet_config(1, **OFFICIAL_COLOUR))
+    # recorded before the colour keys existed: crop and flip only
+    w(norm="gn", groups=32, per_gpu_batch=32, seed=0, error=24.2, config=_imagenet_config(0))
+    md = build_report("gn_table2", r).markdown
+    line = next(s for s in md.splitlines() if s.startswith("- Training augmentation: "))
+    official = (
+        "random-resized crop 224 (area 0.08-1) + flip + colour jitter (brightness 0.4, contrast 0.4, saturation "
+        "0.4; in a random order) + PCA lighting 0.1 (fb.resnet.torch's, as the official GN reproduction)"
+    )
+    assert f"{official} (2 runs)" in line, line
+    assert "random-resized crop 224 (area 0.08-1) + flip only: no colour jitter or lighting (1 run)" in line, line
+    assert "mixed: a cell never averages runs that differ in it" in line
+    # a crop-and-flip seed in the official recipe's cell: refused, the key named
+    w(norm="bn", per_gpu_batch=32, seed=2, error=24.0, config=_imagenet_config(2, brightness=0, lighting=0))
+    with pytest.raises(ValueError) as e:
+        build_report("gn_table2", r)
+    msg = str(e.value)
+    assert "\n" not in msg and "differ in data.augment.brightness (0.4 in" in msg and "absent in" in msg, msg
+
+
+def test_one_augmentation_is_named_without_counts(tmp_path):
+    r = tmp_path / "r"
+    write_result(
+        r,
+        norm="bn",
+        seed=0,
+        error=10.0,
+        config={"seed": 0, "data": {"image_size": 28, "augment": {"crop_padding": 2, "rrc_scale": None, "flip": True}}},
+    )
+    md = build_report("gn_table2", r).markdown
+    assert "- Training augmentation: random 28x28 crop of the 2-pixel zero-padded image + flip\n" in md

@@ -15,7 +15,7 @@ from .collect import (
     ImportanceCell,
     Stat,
 )
-from .formatting import EVAL_LABELS, NA, cell_text, md_table, num, paper_text, trend_value
+from .formatting import EVAL_LABELS, NA, augmentation_label, cell_text, md_table, num, paper_text, trend_value
 from .layouts import SN_PAPER_BN_SHARE, Layout
 
 FIGURE_RELATIVE = {  # the second panel: trends a reader can hold against the paper's despite the offset
@@ -87,6 +87,17 @@ def what_was_run(layout: Layout, coll: Collection, results_dir: Path, model, dat
             f"- Epochs: {ep or NA}"
             + (f"; preset: {', '.join(f'`{p}`' for p in sorted(map(str, presets)))}" if presets else "")
         )
+        augment = Counter(augmentation_label((r.data.get("config") or {}).get("data")) for r in placed)
+        augment.pop(None, None)  # runs that recorded no data config
+        if augment:
+            md.append(
+                "- Training augmentation: "
+                + "; ".join(
+                    f"{a}" + (f" ({k} run{'s' * (k != 1)})" if len(augment) > 1 else "")
+                    for a, k in sorted(augment.items())
+                )
+                + (" -- mixed: a cell never averages runs that differ in it" if len(augment) > 1 else "")
+            )
         gpus = sorted({r.data.get("gpus") for r in placed} - {None})
         totals = {r.data.get("gpus", 0) * r.data.get("per_gpu_batch", 0) for r in placed}
         if gpus and layout.name != "sn_table":  # the SN table has GPUs as an axis

@@ -23,7 +23,7 @@ from .files import (
     write_metrics,
     write_text,
 )
-from .identity import NON_IDENTIFYING, identifying_config, run_dir, run_id, run_name, wandb_id
+from .identity import COLOUR_AUGMENT_KEYS, NON_IDENTIFYING, identifying_config, run_dir, run_id, run_name, wandb_id
 from .record import (
     FINAL_STATUSES,
     FORCE_SINCE_ENV,
@@ -48,6 +48,7 @@ from .record import (
 
 __all__ = [
     "CHECKPOINT_KEYS",
+    "COLOUR_AUGMENT_KEYS",
     "FINAL_STATUSES",
     "FORCE_SINCE_ENV",
     "NON_IDENTIFYING",

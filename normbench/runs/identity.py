@@ -3,7 +3,9 @@
 Keys that only say where or how fast to run (results_dir, logging, data location, loader workers, fast-path
 switches whose effect is float error) are left out, so moving the data or turning on channels_last resumes the
 same run. The precision (`fast.amp`, resolved: a bf16 run is not an fp32 run) is part of the identity, and so
-is `data.decoder=gpu` (its pixels differ from PIL's by rounding; the default `pil` is left out of the hash).
+is `data.decoder=gpu` (its pixels differ from PIL's by rounding; the default `pil` is left out of the hash), and
+so are ImageNet's colour jitter and lighting strengths (`data.augment.brightness/...`; one set to 0 is left out,
+so crop-and-flip runs made before those keys existed keep their ids).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+
+COLOUR_AUGMENT_KEYS = ("brightness", "contrast", "saturation", "lighting")  # normbench.data.colour.KEYS
 
 # Top-level keys, and dotted sub-keys, that never change what a run computes.
 # `experiment` is not identifying on disk (the directory already sits under it) but is part of the wandb id.
@@ -56,6 +60,13 @@ def identifying_config(config: dict) -> dict:
         # PIL decoding, the default: the path every ImageNet run took before data.decoder existed (same ids).
         # data.decoder=gpu resamples (and, on CUDA, decodes) with different rounding: its own run.
         data.pop("decoder")
+    augment = data.get("augment") if isinstance(data, dict) else None
+    if isinstance(augment, dict):
+        # A colour augmentation turned off (0) computes what runs from before these keys existed computed:
+        # left out, so those runs keep their ids; one turned on is in the hash.
+        for key in COLOUR_AUGMENT_KEYS:
+            if augment.get(key, None) == 0:
+                augment.pop(key)
     if precise_bn_images != PRECISE_BN_IMAGES_DEFAULT:
         config["bn_eval"] = {"precise_bn_images": precise_bn_images}
     return config
