@@ -220,6 +220,11 @@ def interruption_message(err: BaseException) -> str:
     name = interruption_name(err)
     if _recorded["status"] == "interrupted":
         return f"interrupted by {name}; the run is recorded as interrupted: rerun the same command to resume it"
+    if _recorded["status"] is not None:  # the signal came as the command wound down, after the run's record
+        return (
+            f"interrupted by {name} after the run was recorded as {_recorded['status']} (its result.json is whole); "
+            "a rerun trains only what is not finished"
+        )
     return f"interrupted by {name} before the run recorded anything (no result.json): rerun the same command"
 
 
