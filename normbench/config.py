@@ -133,6 +133,7 @@ RULES: dict[str, Rule] = {
     "fast.cudnn_benchmark": BOOL,
     "bn_eval.enabled": BOOL,
     "bn_eval.precise_bn_images": integer(1, example="8192"),
+    "checkpoint.every_minutes": number(0, example="10"),
     "logger.wandb.mode": choice("offline", "online", "disabled"),
     "logger.wandb.project": TEXT,
     "logger.progress": BOOL,

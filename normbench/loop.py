@@ -6,6 +6,7 @@ the progress bar read the loss every ``logger.check_every`` steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -16,8 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from normbench import distributed
+from normbench.checkpoints import StepCheckpoints
 from normbench.fast import autocast
 from normbench.progress import progress
+from normbench.runs import interrupts
 
 log = logging.getLogger("normbench")
 
@@ -45,58 +48,76 @@ class Loop:
     eval_forward: Callable  # images -> logits of the raw model in eval mode: compiled or eager
     cuda_graphs: bool = False
     compile_pending: bool = False  # the next step compiles: timed and logged once, then cleared
+    step_checkpoints: StepCheckpoints | None = None  # checkpoint.every_minutes > 0: written between steps
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop) -> dict:
+def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resume: dict | None = None) -> dict:
+    """One epoch of steps; ``resume`` (from a step checkpoint) starts it at ``resume["step"]`` with the partial
+    metrics of the steps already done."""
     model.train()
-    loader.set_epoch(epoch)
+    resume = resume or {}
+    start_step = int(resume.get("step", 0))
+    loader.set_epoch(epoch, start_step=start_step)
     device, d = loop.device, loop.dist
-    images_per_step = loop.images_per_step
-    loss_sum = torch.zeros((), device=device)
+    images_per_step, steps = loop.images_per_step, len(loader)
+    loss_sum = resume["loss_sum"].to(device) if "loss_sum" in resume else torch.zeros((), device=device)
+    time_before = float(resume.get("epoch_time_s", 0.0))  # the epoch's time in earlier attempts
     compile_s = 0.0  # the first compiled step's time: kept out of images/s, which measures the compiled steps
     start = time.perf_counter()
-    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{loop.epochs}", loop.show_progress)
-    for step, (images, labels) in enumerate(bar):
-        if loop.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if loop.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
-        first_compiled, loop.compile_pending = loop.compile_pending, False
-        if first_compiled:
-            compile_start = time.perf_counter()
-        loss = loop.forward_loss(images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loop.scaler.scale(loss).backward()
-        loop.scaler.step(optimizer)
-        loop.scaler.update()
-        scheduler.step()
-        if loop.sync_buffers_every_step:
-            distributed.average_buffers(loop.raw_model, d)
-        loss_sum += loss.detach()
-        if first_compiled:  # one wait for the device, once per run: the compile time is worth knowing
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            compile_s = time.perf_counter() - compile_start
-            log.info("torch.compile: the first training step took %.1fs (compiling)", compile_s)
-        # Check for divergence only every so often: each check waits for the device.
-        if (step + 1) % loop.check_every == 0 or step + 1 == len(loader):
-            if distributed.broadcast_flag(not torch.isfinite(loss_sum).item(), d, device):
-                raise Diverged(epoch + 1)
-            if bar is not loader:
-                bar.set_postfix(
-                    {
-                        "loss": f"{loss_sum.item() / (step + 1):.3f}",
-                        "img/s": f"{(step + 1) * images_per_step / (time.perf_counter() - start - compile_s):.0f}",
-                    }
-                )
+
+    def partial() -> dict:  # the epoch so far, for a step checkpoint
+        return {"loss_sum": loss_sum, "epoch_time_s": time_before + time.perf_counter() - start}
+
+    checkpoints = loop.step_checkpoints if loop.step_checkpoints and loop.step_checkpoints.enabled else None
+    if checkpoints:
+        checkpoints.epoch_started(epoch, start_step)
+    bar = progress(loader, steps - start_step, f"epoch {epoch + 1}/{loop.epochs}", loop.show_progress)
+    with interrupts.holding_to_step_end() if checkpoints else contextlib.nullcontext():
+        for step, (images, labels) in enumerate(bar, start=start_step):
+            if loop.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if loop.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
+            first_compiled, loop.compile_pending = loop.compile_pending, False
+            if first_compiled:
+                compile_start = time.perf_counter()
+            loss = loop.forward_loss(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loop.scaler.scale(loss).backward()
+            loop.scaler.step(optimizer)
+            loop.scaler.update()
+            scheduler.step()
+            if loop.sync_buffers_every_step:
+                distributed.average_buffers(loop.raw_model, d)
+            loss_sum += loss.detach()
+            if first_compiled:  # one wait for the device, once per run: the compile time is worth knowing
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                compile_s = time.perf_counter() - compile_start
+                log.info("torch.compile: the first training step took %.1fs (compiling)", compile_s)
+            # Check for divergence only every so often: each check waits for the device.
+            at_check = (step + 1) % loop.check_every == 0 or step + 1 == steps
+            if at_check:
+                if distributed.broadcast_flag(not torch.isfinite(loss_sum).item(), d, device):
+                    raise Diverged(epoch + 1)
+                if bar is not loader:
+                    done = step + 1 - start_step
+                    bar.set_postfix(
+                        {
+                            "loss": f"{loss_sum.item() / (step + 1):.3f}",
+                            "img/s": f"{done * images_per_step / (time.perf_counter() - start - compile_s):.0f}",
+                        }
+                    )
+            if checkpoints:  # a step boundary: the time, or a waiting signal, may call for a step checkpoint
+                checkpoints.after_step(epoch, step + 1, steps, at_check, partial)
     seconds = time.perf_counter() - start
-    loss_mean = distributed.all_reduce_sum(loss_sum.clone(), d).item() / (len(loader) * d.world_size)
-    steps_timed = len(loader) - (1 if compile_s else 0)
-    images_per_s = steps_timed * images_per_step / (seconds - compile_s) if steps_timed else 0.0
-    return {"train_loss": loss_mean, "images_per_s": images_per_s, "epoch_time_s": seconds}
+    loss_mean = distributed.all_reduce_sum(loss_sum.clone(), d).item() / (steps * d.world_size)
+    steps_timed = steps - start_step - (1 if compile_s else 0)
+    images_per_s = steps_timed * images_per_step / (seconds - compile_s) if steps_timed > 0 else 0.0
+    return {"train_loss": loss_mean, "images_per_s": images_per_s, "epoch_time_s": time_before + seconds}
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normbench import bn_eval, distributed, runs
+from normbench import bn_eval, checkpoints, distributed, runs
 from normbench.config import BatchGeometry, ConfigError, validate
 from normbench.data import DataBundle, DataError, build_data
 from normbench.fast import autocast, fast_settings, make_steps, resolve_device
@@ -131,7 +131,8 @@ def _run(ctx: RunContext) -> dict:
     checkpoint_path = directory / "checkpoint.pt"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fast["amp"])
     scaler = torch.amp.GradScaler(device.type, enabled=fast["amp"] == "fp16")
-    start_epoch, history, wall_before, resumes = 0, [], 0.0, 0
+    start_epoch, start_step, history, wall_before, resumes = 0, 0, [], 0.0, 0
+    resume_partial = None  # a step checkpoint's position and partial metrics, for the first epoch trained
     state = runs.load_checkpoint(checkpoint_path, device) if d.is_main or checkpoint_path.exists() else None
     if distributed.broadcast_flag(state is None, d, device):
         state = None  # every rank starts from the same place (rank 0 may have set a damaged file aside)
@@ -141,12 +142,18 @@ def _run(ctx: RunContext) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        start_epoch, wall_before = state["epoch"], state["wall_time_s"]
+        start_epoch, start_step, wall_before = state["epoch"], int(state.get("step", 0)), state["wall_time_s"]
         history, resumes = list(state["history"]), state.get("resumes", 0) + 1
-        log.info("resume %s from epoch %d", directory, start_epoch)
+        if start_step:
+            resume_partial = {"step": start_step, **_rank_state_of(state, d, model, device)}
+        where = (
+            f"epoch {start_epoch + 1} step {start_step} of {len(data.train)}" if start_step else f"epoch {start_epoch}"
+        )
+        when = checkpoints.written_at(state["written_at"]) if "written_at" in state else "at an unknown time"
+        log.info("resume %s from %s (checkpoint written %s)", directory, where, when)
     log.info("%s", ctx.geometry.describe())
-    outcome = "resumed" if start_epoch else "completed"
-    code_history = provenance.CodeHistory(state, start_epoch)  # every commit that trains part of the run
+    outcome = "resumed" if state else "completed"
+    code_history = provenance.CodeHistory(state, start_epoch, start_step)  # every commit that trains part of it
     if d.is_main:
         try:
             runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
@@ -165,6 +172,36 @@ def _run(ctx: RunContext) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
     forward_loss, eval_forward = make_steps(train_model, model, fast, lambda: autocast(device, amp_dtype))
+
+    def checkpoint_state(epochs_done: int, **more) -> dict:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epochs_done,
+            "history": list(history),
+            "code_history": code_history.through(epochs_done),
+            "resumes": resumes,
+            "wall_time_s": wall_before + time.perf_counter() - started,
+            "written_at": time.time(),
+            **more,
+        }
+
+    def save_checkpoint(state: dict) -> int:
+        runs.save_torch(checkpoint_path, state)
+        return checkpoint_path.stat().st_size
+
+    def save_step_checkpoint(epoch: int, steps_done: int, partial) -> int:
+        ranks = checkpoints.gather_rank_states(checkpoints.rank_state(model, partial()), d)
+        if not d.is_main:
+            return 0
+        more = {"step": steps_done, "ranks": ranks, "world_size": d.world_size, "partial_epoch_code": code_history.now}
+        return save_checkpoint(checkpoint_state(epoch, **more))
+
+    step_checkpoints = checkpoints.StepCheckpoints(
+        config["checkpoint"]["every_minutes"], save_step_checkpoint, d, device
+    )
     loop = Loop(
         device=device,
         dist=d,
@@ -181,6 +218,7 @@ def _run(ctx: RunContext) -> dict:
         eval_forward=eval_forward,
         cuda_graphs=fast["cuda_graphs"],
         compile_pending=fast["compile"],
+        step_checkpoints=step_checkpoints,
     )
 
     run, by_eval = runs.Outcome(outcome), None
@@ -191,7 +229,8 @@ def _run(ctx: RunContext) -> dict:
         try:
             for epoch in range(start_epoch, epochs):
                 lr = optimizer.param_groups[0]["lr"]
-                row = train_one_epoch(train_model, data.train, optimizer, scheduler, epoch, loop)
+                resume, resume_partial = resume_partial, None
+                row = train_one_epoch(train_model, data.train, optimizer, scheduler, epoch, loop, resume)
                 distributed.average_buffers(model, d)
                 if ctx.norm.before_evaluation(model, lambda: (x for x, _ in data.train)):
                     distributed.average_buffers(model, d)  # every rank evaluates with the same statistics
@@ -210,21 +249,14 @@ def _run(ctx: RunContext) -> dict:
                     )
                     if d.is_main:
                         tracker.log(row, step=epoch + 1)
-                        runs.save_torch(
-                            checkpoint_path,
-                            {
-                                "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(),
-                                "scaler": scaler.state_dict(),
-                                "epoch": epoch + 1,
-                                "history": [*history, row],
-                                "code_history": code_history.through(epoch + 1),
-                                "resumes": resumes,
-                                "wall_time_s": wall_before + time.perf_counter() - started,
-                            },
-                        )
+                        saving = time.perf_counter()
+                        state = checkpoint_state(epoch + 1)
+                        state["history"].append(row)
+                        size = save_checkpoint(state)
+                        log.debug("checkpoint: epoch %d (%.1f MB in %.2fs)", epoch + 1, size / 1e6,
+                                  time.perf_counter() - saving)  # fmt: skip
                     history.append(row)  # only once its checkpoint is on disk: a failed write does not count it
+                    step_checkpoints.epoch_checkpoint_written()
                     if d.is_main:
                         runs.write_metrics(directory / "metrics.jsonl", history)
             by_eval = _final_evaluations(ctx, loop, history)  # bn_eval: after the last epoch
@@ -239,12 +271,14 @@ def _run(ctx: RunContext) -> dict:
             raise
         except BaseException as stop:  # Interrupted (a signal), KeyboardInterrupt, SystemExit (submitit requeue)
             run.end("interrupted", interrupted_by=interrupts.interruption_name(stop))
+            at = step_checkpoints.written  # a step checkpoint of the epoch in progress, or None
             log.warning(
-                "interrupted by %s after %d of %d epochs; rerun the same command to resume from epoch %d",
+                "interrupted by %s after %d of %d epochs%s; rerun the same command to resume from %s",
                 run.interrupted_by,
                 len(history),
                 epochs,
-                len(history),
+                f" and {at[1]} steps of epoch {at[0] + 1} (a step checkpoint holds them)" if at else "",
+                f"epoch {at[0] + 1} step {at[1]}" if at else f"epoch {len(history)}",
             )
             raise
         finally:
@@ -268,6 +302,21 @@ def _run(ctx: RunContext) -> dict:
         result["top1_error_median_last5"],
     )
     return {**result, "outcome": run.outcome}
+
+
+def _rank_state_of(state: dict, d: distributed.Dist, model, device) -> dict:
+    """This rank's part of a step checkpoint (its running statistics, partial loss, random states), loaded into
+    ``model`` and the generators; returns its partial metrics."""
+    ranks = state.get("ranks") or []
+    if len(ranks) != d.world_size:
+        log.warning(
+            "the step checkpoint was written by %d processes and this run has %d: every process continues with "
+            "rank 0's running statistics and random states (the result is not bit-identical to one uninterrupted "
+            "run)",
+            len(ranks),
+            d.world_size,
+        )
+    return checkpoints.restore_rank_state(model, ranks[d.rank] if len(ranks) == d.world_size else ranks[0], device)
 
 
 def _final_evaluations(ctx: RunContext, loop: Loop, history) -> dict | None:

@@ -361,7 +361,7 @@ class _RepeatedBatch:
     def __init__(self, images, labels, steps):
         self.images, self.labels, self.steps = images, labels, steps
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start_step=0):
         pass
 
     def __len__(self):

@@ -207,12 +207,14 @@ class DeviceTrainLoader:
         self.world_size = int(world_size)
         self.local_batch = self.global_batch // self.world_size
         self.seed = int(seed)
-        self.epoch = 0
+        self.epoch = self.start_step = 0
         self.num_samples = int(labels.shape[0])
         self.steps_per_epoch = (epoch_size or self.num_samples) // self.global_batch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch the next iteration yields, from step ``start_step`` on (a resumed step checkpoint); the
+        batches are the same ones an iteration from step 0 yields there."""
+        self.epoch, self.start_step = int(epoch), int(start_step)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -242,7 +244,8 @@ class DeviceTrainLoader:
         p = self.padding
         hp, wp = self.images.shape[-2:]
         row_off, col_table = crop_grids(hp - 2 * p, wp - 2 * p, wp, self.images.device)
-        for b in range(self.steps_per_epoch):
+        start, self.start_step = self.start_step, 0  # once: a later pass (PreciseBN's) starts at step 0
+        for b in range(start, self.steps_per_epoch):
             pos = rank_slice(g, self.rank, self.world_size, step=b)
             idx = perm[pos]
             x = self.images.index_select(0, idx)

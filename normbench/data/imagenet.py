@@ -90,10 +90,11 @@ class GlobalBatchSliceSampler(Sampler):
         self.global_batch = global_batch
         self.rank, self.world_size = rank, world_size
         self.seed = seed
-        self.epoch = 0
+        self.epoch = self.start_step = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch the next iteration yields, from step ``start_step`` on (a resumed step checkpoint)."""
+        self.epoch, self.start_step = int(epoch), int(start_step)
 
     def __len__(self) -> int:
         return self.epoch_size // self.global_batch
@@ -104,7 +105,8 @@ class GlobalBatchSliceSampler(Sampler):
             0, 2**62, (self.num_samples,), generator=epoch_generator(self.seed, self.epoch, STREAM_AUGMENT)
         ).tolist()
         g = self.global_batch
-        for b in range(len(self)):
+        start, self.start_step = self.start_step, 0  # once: a later pass (PreciseBN's) starts at step 0
+        for b in range(start, len(self)):
             pos = rank_slice(g, self.rank, self.world_size, step=b)
             yield [(perm[k], seeds[k]) for k in range(pos.start, pos.stop, pos.step)]
 
@@ -159,8 +161,8 @@ class ImageNetTrainLoader(_ToDevice):
         self.steps_per_epoch = len(sampler)
         self.num_samples = sampler.num_samples
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_step)
 
     @property
     def epoch(self) -> int:

@@ -28,6 +28,7 @@ NON_IDENTIFYING = (
     "preset_name",
     "claims",
     "bn_eval",
+    "checkpoint",
     "fast.channels_last",
     "fast.compile",
     "fast.cuda_graphs",

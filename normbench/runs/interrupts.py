@@ -66,8 +66,8 @@ def interrupts_raise():
 
     def handler(signum, frame):
         restore(to_default=True)
-        if _deferred["depth"]:  # inside recording_epoch(): raised once the epoch's record is whole
-            _deferred["pending"] = signum
+        if _deferred["depth"]:  # inside a hold (recording_epoch, holding_to_step_end): acted on at its end
+            _deferred["pending"], _deferred["foreign"] = signum, None
             return
         raise Interrupted(signum)
 
@@ -83,7 +83,41 @@ def interrupts_raise():
         restore(to_default=False)
 
 
-_deferred: dict[str, Any] = {"depth": 0, "pending": None}
+# A signal that lands while a hold is active waits here: ``pending`` (its number) and ``foreign`` (the handler
+# someone else installed, e.g. submitit's requeue, to call once the hold ends; None: raise Interrupted).
+_deferred: dict[str, Any] = {"depth": 0, "pending": None, "foreign": None}
+
+
+def held_signal() -> int | None:
+    """The signal waiting for the end of a hold (a training step, an epoch's record), or None."""
+    return _deferred["pending"]
+
+
+def deliver_held() -> None:
+    """Act on the waiting signal now: raise Interrupted, or call the foreign handler it was meant for (submitit's
+    SIGUSR2 handler requeues the job and exits; its SIGTERM handler only logs, and training goes on)."""
+    signum, foreign = _deferred["pending"], _deferred["foreign"]
+    _deferred["pending"] = _deferred["foreign"] = None
+    if signum is None:
+        return
+    if foreign is None:
+        raise Interrupted(signum)
+    foreign(signum, None)
+
+
+@contextmanager
+def _holding():
+    _deferred["depth"] += 1
+    try:
+        yield
+    except BaseException:  # an error inside (a failed write) goes on as it is: the waiting signal is dropped with
+        _deferred["depth"] -= 1  # it, so it can neither replace the error nor reach the next run
+        if not _deferred["depth"]:
+            _deferred["pending"] = _deferred["foreign"] = None
+        raise
+    _deferred["depth"] -= 1
+    if not _deferred["depth"]:
+        deliver_held()
 
 
 @contextmanager
@@ -91,14 +125,40 @@ def recording_epoch():
     """The epoch's record -- checkpoint, then metrics.jsonl -- is written whole: a signal of
     `interrupts_raise` that lands inside is raised at the end, so an interrupted run's files always agree on
     how many epochs it finished (a second signal still stops at once: the first restored the old handlers)."""
-    _deferred["depth"] += 1
-    try:
+    with _holding():
         yield
+
+
+@contextmanager
+def holding_to_step_end():
+    """While training steps run (step checkpoints on): every interrupt signal waits for the end of the step in
+    progress, so the loop can write a step checkpoint first (it polls `held_signal` and calls `deliver_held`).
+    That includes a handler someone else installed (submitit's requeue on SIGUSR2): it is called once the
+    checkpoint is on disk. A second signal acts at once, as without the hold (every write is atomic)."""
+    wrapped: dict[int, Any] = {}
+
+    def holder_for(foreign):
+        def holder(signum, frame):
+            signal.signal(signum, foreign)  # a second signal goes straight to it
+            wrapped.pop(signum, None)
+            _deferred["pending"], _deferred["foreign"] = signum, foreign
+
+        return holder
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in INTERRUPT_SIGNALS:
+            current = signal.getsignal(signum)
+            if callable(current) and current is not _raise_interrupted and current is not signal.default_int_handler:
+                if getattr(current, "__qualname__", "").startswith("interrupts_raise."):
+                    continue  # ours: it defers by itself while the hold is active
+                wrapped[signum] = current
+                signal.signal(signum, holder_for(current))
+    try:
+        with _holding():
+            yield
     finally:
-        _deferred["depth"] -= 1
-        pending, _deferred["pending"] = _deferred["pending"], None
-    if pending is not None and not _deferred["depth"]:
-        raise Interrupted(pending)
+        for signum, foreign in wrapped.items():
+            signal.signal(signum, foreign)
 
 
 def interruption_name(err: BaseException) -> str:

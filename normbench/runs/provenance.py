@@ -48,7 +48,7 @@ class CodeHistory:
     commit, or other uncommitted changes) gets a new entry, and the log says so. A checkpoint from before this
     record has one entry with commit None for the epochs it holds: their code is unknown, not assumed."""
 
-    def __init__(self, checkpoint: dict | None, start_epoch: int):
+    def __init__(self, checkpoint: dict | None, start_epoch: int, start_step: int = 0):
         self.start = start_epoch
         self.now = git_state()
         earlier = (checkpoint or {}).get("code_history")
@@ -66,6 +66,18 @@ class CodeHistory:
                 *self.earlier[-1]["epochs"],
                 _describe(self.earlier[-1]),
                 start_epoch + 1,
+                _describe(self.now),
+            )
+        # a step checkpoint: the first steps of epoch start_epoch + 1 were trained by the code that wrote it
+        partial = (checkpoint or {}).get("partial_epoch_code") if start_step else None
+        if isinstance(partial, dict) and _code(partial) != _code(self.now):
+            self.earlier.append({**partial, "epochs": [start_epoch + 1, start_epoch + 1], "steps": [1, start_step]})
+            log.warning(
+                "resuming inside epoch %d under other code: its steps 1-%d were trained at %s, the rest at %s (both "
+                "recorded in result.json's code_history)",
+                start_epoch + 1,
+                start_step,
+                _describe(partial),
                 _describe(self.now),
             )
 
