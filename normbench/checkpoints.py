@@ -141,13 +141,15 @@ class StepCheckpoints:
             if not self.warned and seconds > COST_WARNING_FRACTION * self.interval_s:
                 self.warned = True
                 log.warning(
-                    "a step checkpoint takes %.1fs, %.0f%% of checkpoint.every_minutes=%g: raise "
+                    "a step checkpoint takes %.2gs, %.0f%% of checkpoint.every_minutes=%g: raise "
                     "checkpoint.every_minutes to spend less of the run writing them",
                     seconds,
                     100 * seconds / self.interval_s,
                     self.interval_s / 60,
                 )
-        if interrupts.held_signal() is None and signum:  # another rank's signal: every rank stops here
+        if not signum:  # a signal that came during this write waits for the next step boundary: its own checkpoint
+            return
+        if interrupts.held_signal() is None:  # another rank's signal: every rank stops at this step
             raise interrupts.Interrupted(signum)
         interrupts.deliver_held()
 

@@ -65,11 +65,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resu
     images_per_step, steps = loop.images_per_step, len(loader)
     loss_sum = resume["loss_sum"].to(device) if "loss_sum" in resume else torch.zeros((), device=device)
     time_before = float(resume.get("epoch_time_s", 0.0))  # the epoch's time in earlier attempts
+    lr = float(resume.get("lr", optimizer.param_groups[0]["lr"]))  # the epoch's first learning rate (its row's)
     compile_s = 0.0  # the first compiled step's time: kept out of images/s, which measures the compiled steps
     start = time.perf_counter()
 
     def partial() -> dict:  # the epoch so far, for a step checkpoint
-        return {"loss_sum": loss_sum, "epoch_time_s": time_before + time.perf_counter() - start}
+        return {"loss_sum": loss_sum, "epoch_time_s": time_before + time.perf_counter() - start, "lr": lr}
 
     checkpoints = loop.step_checkpoints if loop.step_checkpoints and loop.step_checkpoints.enabled else None
     if checkpoints:
@@ -117,7 +118,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resu
     loss_mean = distributed.all_reduce_sum(loss_sum.clone(), d).item() / (steps * d.world_size)
     steps_timed = steps - start_step - (1 if compile_s else 0)
     images_per_s = steps_timed * images_per_step / (seconds - compile_s) if steps_timed > 0 else 0.0
-    return {"train_loss": loss_mean, "images_per_s": images_per_s, "epoch_time_s": time_before + seconds}
+    return {"lr": lr, "train_loss": loss_mean, "images_per_s": images_per_s, "epoch_time_s": time_before + seconds}
 
 
 @torch.no_grad()

@@ -228,13 +228,12 @@ def _run(ctx: RunContext) -> dict:
     ):
         try:
             for epoch in range(start_epoch, epochs):
-                lr = optimizer.param_groups[0]["lr"]
                 resume, resume_partial = resume_partial, None
                 row = train_one_epoch(train_model, data.train, optimizer, scheduler, epoch, loop, resume)
                 distributed.average_buffers(model, d)
                 if ctx.norm.before_evaluation(model, lambda: (x for x, _ in data.train)):
                     distributed.average_buffers(model, d)  # every rank evaluates with the same statistics
-                row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, loop, loop.eval_forward)}
+                row = {"epoch": epoch + 1, **row, **evaluate(model, data.eval, loop, loop.eval_forward)}
                 # from here to metrics.jsonl a signal waits: history, checkpoint and metrics agree on the epochs
                 with interrupts.recording_epoch():
                     log.info(

@@ -19,6 +19,7 @@ give them the same colour jitter and lighting.
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,6 +128,14 @@ def _seed_worker(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
+    # A terminal's Ctrl-C, or a scheduler signalling every process of the job, reaches the workers too: they leave
+    # it to the main process, which finishes its step, writes a step checkpoint and then shuts them down (a worker
+    # that died of it first would turn the interruption into a failed run). A dead main process still ends them
+    # (DataLoader's watchdog).
+    from normbench.runs.interrupts import INTERRUPT_SIGNALS
+
+    for signum in INTERRUPT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class _ToDevice:
