@@ -53,7 +53,14 @@ def test_a_run_resumed_under_other_code_records_every_commit_with_its_epochs(tmp
     git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "first")
     first = git("rev-parse", "HEAD")
     env = {"PYTHONPATH": str(code)}
-    args = [*TINY, "data.num_train=2048", "per_gpu_batch=8", f"results_dir={tmp_path / 'runs'}"]
+    # epoch-end checkpoints only: a step checkpoint's part-epoch record is the next test's
+    args = [
+        *TINY,
+        "data.num_train=2048",
+        "per_gpu_batch=8",
+        "checkpoint.every_minutes=0",
+        f"results_dir={tmp_path / 'runs'}",
+    ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "normbench.cli", "train", *args],
         cwd=code,
@@ -85,6 +92,23 @@ def test_a_run_resumed_under_other_code_records_every_commit_with_its_epochs(tmp
         {"commit": second, "dirty": True, "dirty_paths": ["normbench/paths.py"], "epochs": [2, 2]},
     ]
     assert result["git"]["commit"] == second and result["epochs_completed"] == 2
+
+
+def test_a_step_checkpoint_resumed_under_other_code_records_who_trained_which_steps(monkeypatch):
+    """Epoch 1 and steps 1-40 of epoch 2 at commit A (the step checkpoint's record), the rest at B."""
+    from normbench.runs import provenance
+
+    a, b = {"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": False}
+    checkpoint = {"code_history": [{**a, "epochs": [1, 1]}], "partial_epoch_code": a}
+    monkeypatch.setattr(provenance, "git_state", lambda: b)
+    history = provenance.CodeHistory(checkpoint, start_epoch=1, start_step=40)
+    assert history.through(3) == [
+        {**a, "epochs": [1, 1]},
+        {**a, "epochs": [2, 2], "steps": [1, 40]},
+        {**b, "epochs": [2, 3]},
+    ]
+    monkeypatch.setattr(provenance, "git_state", lambda: a)  # the same code: one entry, nothing to tell
+    assert provenance.CodeHistory(checkpoint, start_epoch=1, start_step=40).through(3) == [{**a, "epochs": [1, 3]}]
 
 
 def test_committed_runs_keep_their_ids_and_a_non_default_precise_bn_count_is_a_new_run():
