@@ -76,12 +76,13 @@ class _EvoB0(torch.autograd.Function):
     The mask is kept as sign(relu(z - l)) in a float buffer (bool tensors and torch.where are slow on the CPU)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, v, left, right, mean_i, mean_b, gpus):
+    def forward(ctx, x, weight, bias, v, left, right, mean_i, mean_b, gpus, scratch: list):
         C = x.shape[1]
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         w, b, vv = (p.to(xf.dtype).view(1, C, 1, 1) for p in (weight, bias, v))
         # one broadcast operand per in-place pass (two in one op miss the CPU's vectorized loop, _fused.py)
-        den = torch.mul(xf, vv).add_(right).clamp_min_(left)
+        # den, then y, in the centered-x buffer the statistics left (a fresh 100 MB tensor costs its page faults)
+        den = torch.mul(xf, vv, out=scratch.pop()).add_(right).clamp_min_(left)
         y = torch.div(xf, den, out=den).mul_(w).add_(b)
         ctx.save_for_backward(xf, weight, v, left, right, mean_i, mean_b)
         ctx.gpus, ctx.x_dtype = gpus, x.dtype
@@ -116,7 +117,7 @@ class _EvoB0(torch.autograd.Function):
             p_l = grad_l / (left * (n * H * W))
             p_coef, q_coef = p_coef + p_l, q_coef - p_l * mean_b
         grad_x.addcmul_(xf, p_coef).add_(q_coef)
-        return grad_x.to(ctx.x_dtype), g_w.to(weight.dtype), g_b.to(weight.dtype), g_v.to(v.dtype), *(None,) * 5
+        return grad_x.to(ctx.x_dtype), g_w.to(weight.dtype), g_b.to(weight.dtype), g_v.to(v.dtype), *(None,) * 6
 
 
 class EvoNorm2dB0(NormLayer, nn.Module):
@@ -152,7 +153,7 @@ class EvoNorm2dB0(NormLayer, nn.Module):
         N, C, H, W = x.shape
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         with torch.no_grad():
-            mean_i, var_i, _ = _instance_stats(xf)
+            mean_i, var_i, centered = _instance_stats(xf)
             right = torch.sqrt(var_i + self.eps)
             gpus = mean_b = None
             if self.training:
@@ -168,7 +169,7 @@ class EvoNorm2dB0(NormLayer, nn.Module):
                 mean_b = _per_image(mean_gpu, k, n)
             else:
                 left = torch.sqrt(self.running_var.to(xf.dtype) + self.eps).view(1, C, 1, 1).expand(N, C, 1, 1)
-        return _EvoB0.apply(x, self.weight, self.bias, self.v, left, right, mean_i, mean_b, gpus)
+        return _EvoB0.apply(x, self.weight, self.bias, self.v, left, right, mean_i, mean_b, gpus, [centered])
 
     def _plain(self, x: Tensor) -> Tensor:
         """The same layer in differentiable tensor ops, for torch.compile (inductor derives the backward)."""
