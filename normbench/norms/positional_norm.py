@@ -87,14 +87,16 @@ class _Pono(torch.autograd.Function):
         s1 = _channel_dot(g, weight)
         if weight is not None:
             g_w, g_b = _channel_sum(t), _channel_sum(g)
-            g = torch.mul(g, weight.view(1, C, 1, 1), out=t)  # g_xhat, in t's buffer
+            grad_x = torch.mul(g, weight.view(1, C, 1, 1), out=t).mul_(inv)  # g_xhat / std, in t's buffer
+        else:
+            grad_x = torch.mul(g, inv, out=t)
         p_coef = -s2 * inv
         q_coef = -s1 * inv
         if g_std is not None:
             p_coef += g_std.to(xhat.dtype)
         if g_mean is not None:
             q_coef += g_mean.to(xhat.dtype)
-        grad_x = torch.mul(xhat, p_coef.div_(C - 1)).add_(q_coef.div_(C)).addcmul_(g, inv)
+        grad_x.addcmul_(xhat, p_coef.div_(C - 1)).add_(q_coef.div_(C))  # in place: no second large allocation
         return grad_x.to(ctx.x_dtype), g_w, g_b, None
 
 
