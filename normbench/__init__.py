@@ -4,17 +4,17 @@ __version__ = "0.1.0"
 
 
 def _running_as_the_command() -> bool:
-    """`normbench ...` or `python -m normbench.cli|normbench.train`: a process this package's command owns."""
+    """`normbench ...` or `python -m normbench|normbench.cli`: a process this package's command owns."""
     import os
     import sys
 
     argv = getattr(sys, "orig_argv", sys.argv)
-    as_module = any(a == "-m" and b in ("normbench.cli", "normbench.train") for a, b in zip(argv, argv[1:]))
+    as_module = any(a == "-m" and b in ("normbench", "normbench.cli") for a, b in zip(argv, argv[1:]))
     return as_module or os.path.basename(sys.argv[0]) == "normbench"
 
 
 if _running_as_the_command():  # first thing: a Ctrl-C while the imports run is one line, not a traceback
-    from normbench.interrupts import start_up_interrupts
+    from normbench.runs.interrupts import start_up_interrupts
 
     start_up_interrupts()
 

@@ -39,23 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from normbench import distributed
-from normbench.norms import BatchRenorm2d, EvoNorm2dB0, PerGPUBatchNorm2d, SwitchableNorm2d
+from normbench.norms import batch_statistic_layers, buffers_kept
 from normbench.norms.reestimate import reestimate_statistics
 
-__all__ = ["evaluations", "batch_statistic_layers", "precise_bn", "batch_stats_model", "regroup", "EVALS"]
+__all__ = ["evaluations", "batch_statistic_layers", "precise_bn", "batch_stats_model", "Regrouped", "EVALS"]
 
 EVALS = ("ema", "precise_bn", "batch_stats")
 PRECISE_BN_FIRST_EPOCH = -1  # the loader epoch PreciseBN reads (then -2, ...): no training epoch uses it
-
-
-def batch_statistic_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers whose training forward normalizes with per-GPU batch statistics."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, (PerGPUBatchNorm2d, BatchRenorm2d, EvoNorm2dB0))
-        or (isinstance(m, SwitchableNorm2d) and m.use_bn)
-    ]
 
 
 def _training_images(loader, images: int, world_size: int) -> Iterator[Tensor]:
@@ -125,29 +115,24 @@ class _OwnBatchStatistics(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         layers, n = self.__dict__["_layers"], self.per_gpu_batch
-        saved = [(b, b.clone()) for b in self.model.buffers()]
         full = x.shape[0] // n * n
         out = []
-        try:
-            with _layer_options(layers, rmax=1.0, dmax=0.0, schedule=False):  # brn: plain batch statistics
-                if full:
-                    with _layer_options(layers, per_gpu_batch=n):
-                        out.append(self.model(x[:full]))
-                if full < x.shape[0]:
-                    with _layer_options(layers, per_gpu_batch=None):  # the leftover images: one group
-                        out.append(self.model(x[full:]))
-        finally:
-            for buffer, value in saved:
-                buffer.copy_(value)
+        with buffers_kept(self.model), _layer_options(layers, rmax=1.0, dmax=0.0, schedule=False):  # brn: plain
+            if full:
+                with _layer_options(layers, per_gpu_batch=n):
+                    out.append(self.model(x[:full]))
+            if full < x.shape[0]:
+                with _layer_options(layers, per_gpu_batch=None):  # the leftover images: one group
+                    out.append(self.model(x[full:]))
         return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def batch_stats_model(model: nn.Module, per_gpu_batch: int) -> nn.Module:
-    """``model`` seen through :class:`_OwnBatchStatistics` (call it in eval mode, on :func:`regroup`'s batches)."""
+    """``model`` seen through :class:`_OwnBatchStatistics` (call it in eval mode, on :class:`Regrouped`'s batches)."""
     return _OwnBatchStatistics(model, batch_statistic_layers(model), per_gpu_batch)
 
 
-class regroup:
+class Regrouped:
     """An eval loader re-batched so that every batch but the last is a multiple of ``per_gpu_batch`` images
     (the few images a batch leaves over are carried into the next), so no group of ``per_gpu_batch`` test images
     is cut by the loader's batch size. Order and images unchanged."""
@@ -221,21 +206,11 @@ def evaluations(
     layers = batch_statistic_layers(model)
     if not layers:
         return result
-    flags = {m: m.training for m in model.modules()}
-    stale = {m: m._stale_batch_average for m in model.modules() if hasattr(m, "_stale_batch_average")}
-    saved = [(b, b.clone()) for b in model.buffers()]
-    try:
+    # SN: the training-mode forwards here do not make its statistics stale (buffers_kept puts the flag back)
+    with buffers_kept(model) as restore_buffers:
         precise_bn(model, train_loader, images=precise_bn_images, forward=forward, dist=dist)
         result["precise_bn"] = evaluate(model, eval_loader)["top1_error"]
-        for buffer, value in saved:
-            buffer.copy_(value)
-        test_batches = regroup(eval_loader, per_gpu_batch, group_batch)
+        restore_buffers()
+        test_batches = Regrouped(eval_loader, per_gpu_batch, group_batch)
         result["batch_stats"] = evaluate(batch_stats_model(model, per_gpu_batch), test_batches)["top1_error"]
-    finally:
-        for buffer, value in saved:
-            buffer.copy_(value)
-        for module, flag in flags.items():
-            module.training = flag
-        for module, flag in stale.items():  # SN: its training-mode forwards here do not make its stats stale
-            module._stale_batch_average = flag
     return result

@@ -125,7 +125,7 @@ def _config_error(command: str, args: list[str]) -> str | None:
             return str(err)
     from pathlib import Path
 
-    from normbench.disk_faults import RunEnvironmentError, check_writable
+    from normbench.runs.disk_faults import RunEnvironmentError, check_writable
 
     try:  # before Hydra creates its output directory under results_dir (a raw OSError traceback otherwise)
         check_writable(Path(config["results_dir"]))
@@ -135,8 +135,8 @@ def _config_error(command: str, args: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from normbench.interrupts import Interrupted, interruption_exit_code, start_up_interrupts
     from normbench.runs import interruption_message
+    from normbench.runs.interrupts import Interrupted, interruption_exit_code, start_up_interrupts
 
     start_up_interrupts()  # a signal during start-up: one line, not a traceback or a silent death
     argv = list(sys.argv[1:] if argv is None else argv)

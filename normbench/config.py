@@ -141,6 +141,11 @@ RULES: dict[str, Rule] = {
     "sweep.seeds": Rule(lambda v: isinstance(v, list) and all(map(SEED.check, v)), "a list of seeds", "[0,1,2]"),
     "sweep.allowed": MAPPING,
     "sweep.dry_run": BOOL,
+    "sweep.workers": Rule(
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        "auto or a whole number >= 1",
+        "2",
+    ),
     "claims": LIST,  # judged by normbench.report.claims, which names a bad claim itself
     # model=
     "model.id": TEXT,
@@ -161,6 +166,11 @@ RULES: dict[str, Rule] = {
     "data.augment.rrc_ratio": Rule(_pair, "[lo, hi] with 0 < lo <= hi", "[0.75,1.3333333]"),
     "data.augment.flip": BOOL,
     "data.augment.min_scale": number(0, 1, low_open=True, example="0.08"),
+    # colour jitter strengths: a blend factor 1 + U(-s, s) stays >= 0
+    "data.augment.brightness": number(0, 1, example="0.4"),
+    "data.augment.contrast": number(0, 1, example="0.4"),
+    "data.augment.saturation": number(0, 1, example="0.4"),
+    "data.augment.lighting": number(0, example="0.1"),
     "data.mean": number_list(Rule(_is_number, "a number", "0.5")),
     "data.std": number_list(number(0, low_open=True), example="[0.25]"),
     "data.eval_batch": integer(1, example="1000"),
@@ -266,24 +276,43 @@ def _check_relations(config: dict) -> None:
         )
 
 
-# ---- what the trainer derives from the config ----------------------------------------------------------
-TRAINER_NORM_KEYS = ("name", "reestimate_batches")  # read by the trainer, not passed to the layer
+# ---- the batch geometry: computed once per run, logged in one line -------------------------------------
+@dataclass(frozen=True)
+class BatchGeometry:
+    """A step of ``gpus x per_gpu_batch`` images; ``world_size`` processes each hold ``gpus / world_size`` of the
+    paper's GPUs (emulated on their device, image ``i`` of a process's batch on its GPU ``i mod k``: see
+    normbench.norms._common.split_gpus, where the contract is written)."""
 
+    gpus: int
+    per_gpu_batch: int
+    world_size: int = 1
 
-def norm_options(config: dict) -> dict:
-    """The norm node's options plus the top-level per_gpu_batch for the layers that take it (one source of
-    truth: the per-GPU batch of the paper's setting)."""
-    from normbench.norms import norm_options as accepted
+    @classmethod
+    def of(cls, config: dict, world_size: int = 1) -> BatchGeometry:
+        geometry = cls(int(config["gpus"]), int(config["per_gpu_batch"]), int(world_size))
+        if geometry.gpus % geometry.world_size:
+            raise ConfigError(
+                f"gpus={geometry.gpus} is not divisible by the world size {world_size}; "
+                f"launch a number of processes dividing {geometry.gpus}"
+            )
+        return geometry
 
-    options = {k: v for k, v in config["norm"].items() if k not in TRAINER_NORM_KEYS}
-    if "per_gpu_batch" in accepted(config["norm"]["name"]):
-        options["per_gpu_batch"] = config["per_gpu_batch"]
-    return options
+    @property
+    def images_per_step(self) -> int:
+        return self.gpus * self.per_gpu_batch
 
+    @property
+    def gpus_per_process(self) -> int:
+        return self.gpus // self.world_size
 
-def norm_label(config: dict) -> str:
-    return (
-        config["norm"]["name"]
-        + ("+pono_ms" if config["model"].get("pono_ms") else "")
-        + ("+ws" if config["model"]["weight_standardization"] else "")
-    )
+    @property
+    def images_per_process(self) -> int:
+        return self.gpus_per_process * self.per_gpu_batch
+
+    def describe(self) -> str:
+        processes = f"{self.world_size} processes x " if self.world_size > 1 else ""
+        return (
+            f"batch: {self.gpus} GPUs x {self.per_gpu_batch} images = {self.images_per_step} images per step; "
+            f"{processes}{self.gpus_per_process} GPU{'s' if self.gpus_per_process > 1 else ''} emulated per "
+            f"process ({self.images_per_process} images each)"
+        )

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from normbench import distributed
 from normbench.fast import autocast
-from normbench.tracking import progress
+from normbench.progress import progress
 
 log = logging.getLogger("normbench")
 
@@ -38,6 +38,9 @@ class Loop:
     show_progress: bool
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler  # a no-op unless fp16: bf16 and float32 need no loss scaling
+    images_per_step: int  # gpus x per_gpu_batch, over all processes (BatchGeometry)
+    epochs: int
+    check_every: int  # steps between divergence checks (logger.check_every): each one waits for the device
     forward_loss: Callable  # (images, labels) -> loss of the training model: compiled or eager (make_steps)
     eval_forward: Callable  # images -> logits of the raw model in eval mode: compiled or eager
     cuda_graphs: bool = False
@@ -47,15 +50,15 @@ class Loop:
         return autocast(self.device, self.amp_dtype)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, loop: Loop) -> dict:
+def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop) -> dict:
     model.train()
     loader.set_epoch(epoch)
     device, d = loop.device, loop.dist
-    images_per_step = cfg.gpus * cfg.per_gpu_batch
+    images_per_step = loop.images_per_step
     loss_sum = torch.zeros((), device=device)
     compile_s = 0.0  # the first compiled step's time: kept out of images/s, which measures the compiled steps
     start = time.perf_counter()
-    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{cfg.epochs}", loop.show_progress)
+    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{loop.epochs}", loop.show_progress)
     for step, (images, labels) in enumerate(bar):
         if loop.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -79,7 +82,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, cfg, loop: Loop)
             compile_s = time.perf_counter() - compile_start
             log.info("torch.compile: the first training step took %.1fs (compiling)", compile_s)
         # Check for divergence only every so often: each check waits for the device.
-        if (step + 1) % cfg.logger.check_every == 0 or step + 1 == len(loader):
+        if (step + 1) % loop.check_every == 0 or step + 1 == len(loader):
             if distributed.broadcast_flag(not torch.isfinite(loss_sum).item(), d, device):
                 raise Diverged(epoch + 1)
             if bar is not loader:

@@ -7,11 +7,13 @@ import math
 import torch
 from torch import nn
 
+from normbench.config import BatchGeometry
+
 
 def learning_rate(cfg) -> float:
     """Linear scaling rule of the papers: lr = base_lr x (gpus x per_gpu_batch) / reference_batch.
     `cfg`: the run's config, as a DictConfig or a plain dict."""
-    return cfg["base_lr"] * cfg["gpus"] * cfg["per_gpu_batch"] / cfg["reference_batch"]
+    return cfg["base_lr"] * BatchGeometry(cfg["gpus"], cfg["per_gpu_batch"]).images_per_step / cfg["reference_batch"]
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm: bool) -> list[dict]:
@@ -37,8 +39,9 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm: bool) ->
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm)
-    return torch.optim.SGD(groups, lr=learning_rate(cfg), momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+    optim = cfg["optim"]
+    groups = parameter_groups(model, optim["weight_decay"], optim["decay_norm"])
+    return torch.optim.SGD(groups, lr=learning_rate(cfg), momentum=optim["momentum"], nesterov=optim["nesterov"])
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule) -> float:
@@ -46,14 +49,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule) -> float
     at fractions `milestones` of training, or half-cosine to zero."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule.name == "cosine":
+    if schedule["name"] == "cosine":
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    passed = sum(step >= round(m * total_steps) for m in schedule.milestones)
-    return schedule.gamma**passed
+    passed = sum(step >= round(m * total_steps) for m in schedule["milestones"])
+    return schedule["gamma"] ** passed
 
 
 def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, cfg.schedule))
+    total, schedule = cfg["epochs"] * steps_per_epoch, cfg["schedule"]
+    warmup = round(schedule["warmup_epochs"] * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, schedule))

@@ -1,7 +1,7 @@
 """normbench train: one training run, the unit every sweep and table rests on.
 
     normbench train [hydra overrides]            e.g. normbench train norm=gn per_gpu_batch=2
-    torchrun --nproc_per_node=8 -m normbench.train model=resnet50 data=imagenet
+    torchrun --nproc_per_node=8 -m normbench train model=resnet50 data=imagenet
 
 A step processes `gpus x per_gpu_batch` images. Batch-dependent norm layers see the statistics of
 `per_gpu_batch` images, as on the papers' GPUs: on one device the layers emulate the GPUs (their
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -22,43 +23,51 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normbench import bn_eval, disk_faults, distributed, interrupts, provenance, runs
-from normbench.config import ConfigError, norm_label, norm_options, validate
-from normbench.data import DataError, build_data
+from normbench import bn_eval, distributed, runs
+from normbench.config import BatchGeometry, ConfigError, validate
+from normbench.data import DataBundle, DataError, build_data
 from normbench.fast import autocast, fast_settings, make_steps, resolve_device
 from normbench.loop import Diverged, Loop, evaluate, median_last5, train_one_epoch
 from normbench.models import build_model
-from normbench.norms import (
-    NormConfigError,
-    norm_layer,
-    reads_running_stats_in_training,
-    reestimate_batch_average,
-    switchable_importance,
-)
+from normbench.norms import NormConfigError, NormSpec, reads_running_stats_in_training
 from normbench.optim import build_optimizer, build_scheduler, learning_rate
 from normbench.paths import CONFIG_DIR
+from normbench.runs import disk_faults, interrupts, provenance
 from normbench.tracking import Tracker
 
 log = logging.getLogger("normbench")
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
-def train(cfg: DictConfig) -> dict:
+@dataclass
+class RunContext:
+    """Everything one run is made of, built (and validated) before a file is written."""
+
+    config: dict  # the resolved config, plain containers: the only config the trainer reads
+    directory: Path
+    dist: distributed.Dist
+    device: torch.device
+    fast: dict  # the resolved speed switches (normbench.fast.fast_settings)
+    geometry: BatchGeometry
+    norm: NormSpec
+    data: DataBundle
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def train(cfg: DictConfig | dict) -> dict:
     """Train (or resume, or skip) the run `cfg` describes; returns its result, with `outcome` saying which of
     completed / skipped / resumed / diverged happened (for the sweep summary). A failure raises after recording
     `failed`; an interrupt raises after recording `interrupted` (see normbench.runs for the statuses)."""
     try:
-        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        config = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:  # a bad interpolation, e.g. ${gpus_for:64,3}
         raise ConfigError(str(err).splitlines()[0]) from None
     validate(config)
-    device = resolve_device(cfg.device)
+    device = resolve_device(config["device"])
     d = distributed.setup(device.type)
-    if cfg.gpus % d.world_size:
-        raise ConfigError(
-            f"gpus={cfg.gpus} is not divisible by the world size {d.world_size}; "
-            f"launch a number of processes dividing {cfg.gpus}"
-        )
+    geometry = BatchGeometry.of(config, d.world_size)
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
@@ -73,25 +82,27 @@ def train(cfg: DictConfig) -> dict:
         return finished
 
     torch.backends.cudnn.benchmark = fast["cudnn_benchmark"]
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(config["seed"])
     try:  # everything a bad config can break, before a single file is written
         data = build_data(
-            cfg.data,
-            global_batch=cfg.gpus * cfg.per_gpu_batch,
+            config["data"],
+            global_batch=geometry.images_per_step,
             rank=d.rank,
             world_size=d.world_size,
-            seed=cfg.seed,
+            seed=config["seed"],
             device=device,
         )
-        layer = norm_layer(cfg.norm.name, **norm_options(config))
-        model = build_model(cfg.model, layer, data.num_classes, data.in_channels)
+        norm = NormSpec.from_config(config)
+        model = build_model(config["model"], norm.layer(), data.num_classes, data.in_channels)
+        model = norm.for_processes(model, d.enabled)
     except (NormConfigError, DataError, ValueError) as err:
         raise ConfigError(str(err)) from None
-    if cfg.norm.name == "syncbn" and d.enabled:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if fast["channels_last"] else torch.preserve_format)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(data.train))
+    optimizer = build_optimizer(model, config)
+    run = RunContext(
+        config, directory, d, device, fast, geometry, norm, data, model, optimizer,
+        build_scheduler(optimizer, config, len(data.train)),
+    )  # fmt: skip
 
     lock = runs.RunLock(directory) if d.is_main else None
     busy = not lock.acquire() if lock else False
@@ -106,13 +117,16 @@ def train(cfg: DictConfig) -> dict:
         if force and d.is_main and runs.finished_result(directory):
             aside = runs.set_aside_finished(directory)
             log.info("force=true: the finished run was moved to %s; training it again", aside)
-        return _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler)
+        return _run(run)
     finally:
         if lock:
             lock.release()
 
 
-def _run(cfg, config, directory, d, device, fast, data, model, optimizer, scheduler) -> dict:
+def _run(ctx: RunContext) -> dict:
+    config, directory, d, device, fast = ctx.config, ctx.directory, ctx.dist, ctx.device, ctx.fast
+    model, optimizer, scheduler, data = ctx.model, ctx.optimizer, ctx.scheduler, ctx.data
+    epochs = config["epochs"]
     started = time.perf_counter()
     checkpoint_path = directory / "checkpoint.pt"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fast["amp"])
@@ -130,15 +144,21 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
         start_epoch, wall_before = state["epoch"], state["wall_time_s"]
         history, resumes = list(state["history"]), state.get("resumes", 0) + 1
         log.info("resume %s from epoch %d", directory, start_epoch)
+    log.info("%s", ctx.geometry.describe())
     outcome = "resumed" if start_epoch else "completed"
     code_history = provenance.CodeHistory(state, start_epoch)  # every commit that trains part of the run
     if d.is_main:
-        runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
-        runs.write_text(directory / "overrides.yaml", OmegaConf.to_yaml(_command_line_overrides()))
-        runs.write_json(
-            directory / "env.json", {**provenance.environment(str(device)), "fast": fast, "world_size": d.world_size}
-        )
-        runs.write_metrics(directory / "metrics.jsonl", history)  # rebuilt from the checkpoint: never damaged
+        try:
+            runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+            runs.write_text(directory / "overrides.yaml", OmegaConf.to_yaml(_command_line_overrides()))
+            environment = {**provenance.environment(str(device)), "fast": fast, "world_size": d.world_size}
+            runs.write_json(directory / "env.json", environment)
+            runs.write_metrics(directory / "metrics.jsonl", history)  # rebuilt from the checkpoint: never damaged
+        except OSError as err:  # a disk that fills (or turns read-only) between the start-up check and here
+            problem = disk_faults.describe_environment_error(err, directory)
+            if problem is None:
+                raise
+            raise disk_faults.RunEnvironmentError(problem) from err
     train_model = model
     if d.enabled:  # per-GPU statistics: never broadcast rank 0's buffers (see distributed.average_buffers)
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -151,9 +171,12 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
         raw_model=model,
         channels_last=fast["channels_last"],
         sync_buffers_every_step=reads_running_stats_in_training(model) and d.enabled,
-        show_progress=d.is_main and cfg.logger.progress,
+        show_progress=d.is_main and config["logger"]["progress"],
         amp_dtype=amp_dtype,
         scaler=scaler,
+        images_per_step=ctx.geometry.images_per_step,
+        epochs=epochs,
+        check_every=config["logger"]["check_every"],
         forward_loss=forward_loss,
         eval_forward=eval_forward,
         cuda_graphs=fast["cuda_graphs"],
@@ -163,16 +186,14 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
     run, by_eval = runs.Outcome(outcome), None
     with (
         interrupts.interrupts_raise(),
-        Tracker(cfg, directory, directory.name, runs.wandb_id(config), config, enabled=d.is_main) as tracker,
+        Tracker(config, directory, directory.name, runs.wandb_id(config), enabled=d.is_main) as tracker,
     ):
         try:
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(start_epoch, epochs):
                 lr = optimizer.param_groups[0]["lr"]
-                row = train_one_epoch(train_model, data.train, optimizer, scheduler, epoch, cfg, loop)
+                row = train_one_epoch(train_model, data.train, optimizer, scheduler, epoch, loop)
                 distributed.average_buffers(model, d)
-                if cfg.norm.name == "sn" and cfg.norm.inference == "batch_average":
-                    batches = (x for _, (x, _) in zip(range(cfg.norm.reestimate_batches), data.train))
-                    reestimate_batch_average(model, batches)
+                if ctx.norm.before_evaluation(model, lambda: (x for x, _ in data.train)):
                     distributed.average_buffers(model, d)  # every rank evaluates with the same statistics
                 row = {"epoch": epoch + 1, "lr": lr, **row, **evaluate(model, data.eval, loop, loop.eval_forward)}
                 # from here to metrics.jsonl a signal waits: history, checkpoint and metrics agree on the epochs
@@ -180,7 +201,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                     log.info(
                         "epoch %d/%d  loss %.4f  top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s  %.1fs",
                         epoch + 1,
-                        cfg.epochs,
+                        epochs,
                         row["train_loss"],
                         row["top1_error"],
                         row["top5_error"],
@@ -206,7 +227,7 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                     history.append(row)  # only once its checkpoint is on disk: a failed write does not count it
                     if d.is_main:
                         runs.write_metrics(directory / "metrics.jsonl", history)
-            by_eval = _final_evaluations(cfg, model, data, loop, history)  # bn_eval (issue 12): after the last epoch
+            by_eval = _final_evaluations(ctx, loop, history)  # bn_eval: after the last epoch
         except Diverged as stop:
             run.end("diverged", diverged_epoch=stop.args[0])
             log.warning("run diverged: non-finite training loss in epoch %d; recorded as a result", stop.args[0])
@@ -222,14 +243,14 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
                 "interrupted by %s after %d of %d epochs; rerun the same command to resume from epoch %d",
                 run.interrupted_by,
                 len(history),
-                cfg.epochs,
+                epochs,
                 len(history),
             )
             raise
         finally:
-            if run.status == "completed" and len(history) != cfg.epochs:  # never claim what did not run
-                run.end("failed", error=f"ended after {len(history)} of {cfg.epochs} epochs")
-            result = _result(config, run, history, resumes, wall_before + time.perf_counter() - started, model)
+            if run.status == "completed" and len(history) != epochs:  # never claim what did not run
+                run.end("failed", error=f"ended after {len(history)} of {epochs} epochs")
+            result = _result(ctx, run, history, resumes, wall_before + time.perf_counter() - started)
             result["code_history"] = code_history.through(len(history))
             if by_eval is not None:
                 result["top1_error_by_eval"] = by_eval
@@ -249,10 +270,11 @@ def _run(cfg, config, directory, d, device, fast, data, model, optimizer, schedu
     return {**result, "outcome": run.outcome}
 
 
-def _final_evaluations(cfg, model, data, loop: Loop, history) -> dict | None:
+def _final_evaluations(ctx: RunContext, loop: Loop, history) -> dict | None:
     """``top1_error_by_eval`` of the final model (normbench.bn_eval): ema / precise_bn / batch_stats; None
     when ``bn_eval.enabled`` is false."""
-    if not cfg.bn_eval.enabled or not history:
+    settings = ctx.config["bn_eval"]
+    if not settings["enabled"] or not history:
         return None
 
     def forward(m, images):  # a re-estimation batch, run as training runs it
@@ -263,16 +285,16 @@ def _final_evaluations(cfg, model, data, loop: Loop, history) -> dict | None:
 
     started = time.perf_counter()
     by_eval = bn_eval.evaluations(
-        model,
-        data.train,
-        data.eval,
+        ctx.model,
+        ctx.data.train,
+        ctx.data.eval,
         lambda m, loader: evaluate(m, loader, loop),
-        per_gpu_batch=cfg.per_gpu_batch,
-        precise_bn_images=cfg.bn_eval.precise_bn_images,
+        per_gpu_batch=ctx.geometry.per_gpu_batch,
+        precise_bn_images=settings["precise_bn_images"],
         forward=forward,
         dist=loop.dist,
         ema=history[-1]["top1_error"],
-        group_batch=cfg.gpus // loop.dist.world_size * cfg.per_gpu_batch,  # the training step's, not eval_batch
+        group_batch=ctx.geometry.images_per_process,  # the training step's, not data.eval_batch
     )
     log.info(
         "top-1 err of the final model by evaluation: %s (%.1fs)",
@@ -282,19 +304,19 @@ def _final_evaluations(cfg, model, data, loop: Loop, history) -> dict | None:
     return by_eval
 
 
-def _result(config, run: runs.Outcome, history, resumes, wall_time_s, model) -> dict:
+def _result(ctx: RunContext, run: runs.Outcome, history, resumes, wall_time_s) -> dict:
     """The result record (normbench.runs.result_record) with what only the trainer knows."""
     return runs.result_record(
-        config,
+        ctx.config,
         run,
         history,
         resumes,
         wall_time_s,
         metric=median_last5(history),
-        norm=norm_label(config),
-        norm_options=norm_options(config),
-        lr=learning_rate(config),
-        sn_importance=switchable_importance(model) if config["norm"]["name"] == "sn" else None,
+        norm=ctx.norm.label,
+        norm_options=ctx.norm.options,
+        lr=learning_rate(ctx.config),
+        **ctx.norm.recorded(ctx.model),
     )
 
 
@@ -336,7 +358,5 @@ def main(cfg: DictConfig) -> dict:
         distributed.teardown()
 
 
-if __name__ == "__main__":  # torchrun -m normbench.train ...: the same checks as `normbench train`
-    from normbench.cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))
+if __name__ == "__main__":  # the entry is the command (normbench/__main__.py), which validates first
+    sys.exit("normbench.train is not an entry point: run `python -m normbench train` (torchrun: -m normbench train)")

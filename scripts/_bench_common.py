@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from normbench.provenance import cpu_model, git_state
+from normbench.runs.provenance import cpu_model, git_state
 
 
 def device_name(device: torch.device) -> str:

@@ -7,7 +7,11 @@ value) and ``gpu`` (data.decoder=gpu: ``--gpu-workers`` workers read the file by
 same code decoding on the CPU). Each pipeline is the real training loader of ``normbench train data=imagenet``
 (``build_data``), so a batch is ready on the device, normalized, when it is counted. Per pipeline: a few warm-up
 batches (worker start-up, CUDA/nvJPEG initialisation), then ``--repeats`` timed epochs (the device synchronized at
-the end of each); the median is reported with its ratio to the fastest PIL row.
+the end of each); the median is reported with its ratio to the fastest PIL row of the same augmentation.
+
+``--augment``: ``crop_flip`` (random-resized crop + flip), ``official`` (plus fb.resnet.torch's colour jitter and
+PCA lighting, configs/data/imagenet.yaml's default) or ``both`` (the default: every pipeline twice, and the
+official recipe's images/s as a fraction of crop_flip's, its cost; the two alternate epoch by epoch).
 
 Without ``--root`` the images are generated first into a temporary directory in ImageNet's layout
 (train/<class>/*.JPEG): smooth colour gradients plus noise (JPEG-like content), ``--distinct`` different pictures
@@ -47,6 +51,8 @@ DEFAULTS = {
     ),
 }
 CLASSES = 8
+AUGMENTS = ("crop_flip", "official")
+COLOUR_OFF = {"brightness": 0, "contrast": 0, "saturation": 0, "lighting": 0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--image-size", type=int, help="output crop size (default 112 cpu, 224 cuda)")
     ap.add_argument("--workers", help="comma-separated DataLoader workers of the pil rows (default 0,2 / 8,16)")
     ap.add_argument("--gpu-workers", type=int, help="byte-reading workers of the gpu decoder (default 1 / 4)")
+    ap.add_argument("--augment", choices=[*AUGMENTS, "both"], default="both", help="augmentation (default both)")
     ap.add_argument("--repeats", type=int, help="timed epochs per pipeline; the median is reported (default 3)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches per pipeline first (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the main process (default 1)")
@@ -118,9 +125,11 @@ def generate(root: pathlib.Path, args) -> None:
             (root / split / f"n{i % CLASSES:08d}" / f"img_{i:06d}.JPEG").write_bytes(blobs[i % len(blobs)])
 
 
-def loader(root, args, decoder: str, workers: int, device: torch.device):
-    cfg = OmegaConf.load(CONFIG_DIR / "data" / "imagenet.yaml")
+def loader(root, args, decoder: str, workers: int, device: torch.device, augment: str):
+    cfg = OmegaConf.load(CONFIG_DIR / "data" / "imagenet.yaml")  # its augment keys: the official recipe
     cfg.root, cfg.decoder, cfg.workers, cfg.image_size = str(root), decoder, workers, args.image_size
+    if augment == "crop_flip":
+        cfg.augment.update(COLOUR_OFF)
     cfg.train_subset = args.images // args.batch * args.batch  # whole batches only
     return build_data(cfg, global_batch=args.batch, seed=0, device=device).train
 
@@ -130,47 +139,69 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_one(root, args, decoder: str, workers: int, device: torch.device, log) -> dict:
-    train = loader(root, args, decoder, workers, device)
-    started = time.perf_counter()
-    train.set_epoch(0)
-    for k, _batch in enumerate(train if args.warmup else ()):
-        if k + 1 >= args.warmup:
-            break
+def timed_epoch(train, epoch: int, device: torch.device) -> float:
+    train.set_epoch(epoch)
     sync(device)
-    warm = time.perf_counter() - started
-    samples = []
-    images = len(train) * args.batch
-    for r in range(args.repeats):
-        train.set_epoch(r + 1)
-        sync(device)
-        start = time.perf_counter()
-        checksum = torch.zeros((), device=device)
-        for x, _ in train:
-            checksum += x[:, :, 0, 0].sum()  # the batch is used on the device (no lazy work left undone)
-        sync(device)
-        samples.append(images / (time.perf_counter() - start))
-        log(f"  {decoder} w={workers}: epoch {r + 1}/{args.repeats} {samples[-1]:.0f} img/s")
+    start = time.perf_counter()
+    checksum = torch.zeros((), device=device)
+    for x, _ in train:
+        checksum += x[:, :, 0, 0].sum()  # the batch is used on the device (no lazy work left undone)
+    sync(device)
     assert torch.isfinite(checksum)
-    del train
-    med = statistics.median(samples)
-    return {
-        "pipeline": decoder,
-        "workers": workers,
-        "images_per_epoch": images,
-        "images_per_s": med,
-        "samples": samples,
-        "spread": (max(samples) - min(samples)) / med,
-        "warmup_s": warm,
-    }
+    return len(train) * train.global_batch / (time.perf_counter() - start)
+
+
+def measure_pipeline(root, args, decoder: str, workers: int, device: torch.device, augments, log) -> list[dict]:
+    """One row per augmentation; their timed epochs alternate (A B A B ...), so a shared machine's load drifting
+    during the run weighs on each alike and their ratio, the colour augmentation's cost, stays fair."""
+    trains, warm = {}, {}
+    for augment in augments:
+        trains[augment] = train = loader(root, args, decoder, workers, device, augment)
+        started = time.perf_counter()
+        train.set_epoch(0)
+        for k, _batch in enumerate(train if args.warmup else ()):
+            if k + 1 >= args.warmup:
+                break
+        sync(device)
+        warm[augment] = time.perf_counter() - started
+    samples = {a: [] for a in augments}
+    for r in range(args.repeats):
+        for augment in augments:
+            samples[augment].append(timed_epoch(trains[augment], r + 1, device))
+            log(f"  {decoder} w={workers} {augment}: epoch {r + 1}/{args.repeats} {samples[augment][-1]:.0f} img/s")
+    rows = []
+    for augment in augments:
+        med = statistics.median(samples[augment])
+        rows.append(
+            {
+                "pipeline": decoder,
+                "workers": workers,
+                "augment": augment,
+                "images_per_epoch": len(trains[augment]) * args.batch,
+                "images_per_s": med,
+                "samples": samples[augment],
+                "spread": (max(samples[augment]) - min(samples[augment])) / med,
+                "warmup_s": warm[augment],
+            }
+        )
+    trains.clear()
+    return rows
 
 
 def measure(root, args, device, log) -> list[dict]:
-    rows = [measure_one(root, args, "pil", w, device, log) for w in args.worker_list]
-    rows.append(measure_one(root, args, "gpu", args.gpu_workers, device, log))
-    best = max((r["images_per_s"] for r in rows if r["pipeline"] == "pil"), default=None)
-    for r in rows:
-        r["vs_best_pil"] = r["images_per_s"] / best if best else None
+    augments = AUGMENTS if args.augment == "both" else (args.augment,)
+    measured = [measure_pipeline(root, args, "pil", w, device, augments, log) for w in args.worker_list]
+    measured.append(measure_pipeline(root, args, "gpu", args.gpu_workers, device, augments, log))
+    rows = [r for augment in augments for pipeline in measured for r in pipeline if r["augment"] == augment]
+    for augment in augments:
+        best = max((r["images_per_s"] for r in rows if r["pipeline"] == "pil" and r["augment"] == augment), default=0)
+        for r in rows:
+            if r["augment"] == augment:
+                r["vs_best_pil"] = r["images_per_s"] / best if best else None
+    base = {(r["pipeline"], r["workers"]): r["images_per_s"] for r in rows if r["augment"] == "crop_flip"}
+    for r in rows:  # the colour augmentation's cost: the same pipeline's images/s without it
+        plain = base.get((r["pipeline"], r["workers"]))
+        r["vs_crop_flip"] = r["images_per_s"] / plain if plain and r["augment"] != "crop_flip" else None
     return rows
 
 
@@ -181,17 +212,21 @@ def render(args, device, rows, source: str) -> tuple[str, str]:
         f"{torchvision.__version__}"
     )
     lines = [
-        f"{source}; batch {args.batch}, RandomResizedCrop {args.image_size} + flip + normalize, ready on "
-        f"{device.type}; median of {args.repeats} epochs of {rows[0]['images_per_epoch']} images (after "
-        f"{args.warmup} warm-up batches)",
+        f"{source}; batch {args.batch}, RandomResizedCrop {args.image_size} + flip (crop_flip; official: + colour "
+        f"jitter 0.4/0.4/0.4 + PCA lighting 0.1) + normalize, ready on {device.type}; median of {args.repeats} "
+        f"epochs of {rows[0]['images_per_epoch']} images (after {args.warmup} warm-up batches)",
         "",
-        "| pipeline | workers | img/s | vs best pil | spread |",
-        "|---|---:|---:|---:|---:|",
+        "| pipeline | workers | augment | img/s | vs best pil | vs crop_flip | spread |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         label = "pil (PIL in workers)" if r["pipeline"] == "pil" else f"gpu (decode_jpeg on {device.type})"
         vs = "-" if r["vs_best_pil"] is None else f"{r['vs_best_pil']:.2f}"
-        lines.append(f"| {label} | {r['workers']} | {r['images_per_s']:.0f} | {vs} | {r['spread']:.0%} |")
+        cost = "-" if r["vs_crop_flip"] is None else f"{r['vs_crop_flip']:.2f}"
+        lines.append(
+            f"| {label} | {r['workers']} | {r['augment']} | {r['images_per_s']:.0f} | {vs} | {cost} | "
+            f"{r['spread']:.0%} |"
+        )
     return header, "\n".join(lines)
 
 

@@ -243,15 +243,15 @@ def model_config(args):
 
 def layer_options(name: str, options: dict, per_gpu_batch: int, model_cfg) -> dict:
     """What `normbench train norm=NAME` passes to the layer: configs/norm/NAME.yaml (groups = the model's
-    norm_groups) with ``options`` on top, through normbench.config.norm_options (per_gpu_batch where accepted)."""
-    from normbench.config import norm_options as trainer_norm_options
+    norm_groups) with ``options`` on top, through normbench.norms.NormSpec (per_gpu_batch where accepted)."""
+    from normbench.norms import NormSpec
 
     norm = OmegaConf.load(CONFIG_DIR / "norm" / f"{name}.yaml")
     if "channels_per_group" in options and "groups" not in options and "groups" in norm:
         norm.groups = None  # one of the two: the command line's channels_per_group replaces the default groups
     norm = OmegaConf.merge(norm, options)
     config = OmegaConf.to_container(OmegaConf.create({"model": model_cfg, "norm": norm}), resolve=True)
-    return trainer_norm_options({**config, "per_gpu_batch": per_gpu_batch})
+    return NormSpec.from_config({**config, "per_gpu_batch": per_gpu_batch}).options
 
 
 class Runner:
@@ -304,12 +304,12 @@ class Runner:
             show_progress=False,
             amp_dtype={"bf16": torch.bfloat16}.get(self.args.amp),
             scaler=torch.amp.GradScaler(self.device.type, enabled=False),
+            images_per_step=self.images_per_step,
+            epochs=1,
+            check_every=50,
             forward_loss=self.forward_loss,
             eval_forward=None,
             cuda_graphs=fast["cuda_graphs"],  # compile_pending stays False: warm-up steps compile, untimed
-        )
-        self.trainer_cfg = OmegaConf.create(
-            {"gpus": self.args.gpus, "per_gpu_batch": self.per_gpu_batch, "epochs": 1, "logger": {"check_every": 50}}
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
 
@@ -338,7 +338,7 @@ class Runner:
             from normbench.loop import train_one_epoch
 
             loader = _RepeatedBatch(self.images, self.labels, steps)
-            row = train_one_epoch(self.model, loader, self.optimizer, self.scheduler, 0, self.trainer_cfg, self.loop)
+            row = train_one_epoch(self.model, loader, self.optimizer, self.scheduler, 0, self.loop)
             self.sync()
             self.loss = row["train_loss"]
             return time.perf_counter() - start
@@ -557,7 +557,7 @@ def write_gpu_json(args, device, measured) -> pathlib.Path:
     same keys of the model's section, everything else is kept, so one file gathers a GPU session's runs."""
     import datetime
 
-    from normbench.provenance import git_state
+    from normbench.runs.provenance import git_state
 
     path = pathlib.Path(args.json)
     data = json.loads(path.read_text()) if path.exists() else {}

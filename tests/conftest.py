@@ -56,7 +56,7 @@ def cli(
 def torchrun(
     *args: str, nproc: int = 2, launcher: tuple[str, ...] = (), timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=NPROC LAUNCHER -m normbench.train ARGS`: real processes, gloo on
+    """`torchrun --standalone --nproc_per_node=NPROC LAUNCHER -m normbench train ARGS`: real processes, gloo on
     the CPU."""
     return subprocess.run(
         [
@@ -67,7 +67,8 @@ def torchrun(
             f"--nproc_per_node={nproc}",
             *launcher,
             "-m",
-            "normbench.train",
+            "normbench",
+            "train",
             *args,
         ],
         capture_output=True,
@@ -86,7 +87,7 @@ def pytest_collection_modifyitems(config, items):
         return
     no_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # not `in item.keywords`: a parameter id "gpu" is one too
             item.add_marker(no_cuda)
 
 

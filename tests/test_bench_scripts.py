@@ -184,10 +184,42 @@ def test_bench_data_smoke_one_table_and_files(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("bench_data | device: cpu") and "torchvision" in lines[0]
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("| ")]
-    assert rows[0] == ["pipeline", "workers", "img/s", "vs best pil", "spread"] and len(rows) == 4
-    assert [(r[0].split()[0], r[1]) for r in rows[1:]] == [("pil", "0"), ("pil", "1"), ("gpu", "0")]
-    assert all(float(r[2]) > 0 for r in rows[1:]) and max(float(r[3]) for r in rows[1:3]) == 1.0
+    header = ["pipeline", "workers", "augment", "img/s", "vs best pil", "vs crop_flip", "spread"]
+    assert rows[0] == header and len(rows) == 7
+    pipelines = [("pil", "0"), ("pil", "1"), ("gpu", "0")]
+    assert [(r[0].split()[0], r[1], r[2]) for r in rows[1:]] == [
+        (*p, a) for a in ("crop_flip", "official") for p in pipelines
+    ]
+    assert all(float(r[3]) > 0 for r in rows[1:])
+    assert max(float(r[4]) for r in rows[1:3]) == 1.0 and max(float(r[4]) for r in rows[4:6]) == 1.0  # per augment
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert data["device"] == "cpu" and "commit" in data["git"] and len(data["results"]) == 3
+    assert data["device"] == "cpu" and "commit" in data["git"] and len(data["results"]) == 6
     assert all(r["images_per_epoch"] == 32 and len(r["samples"]) == 1 for r in data["results"])
+    plain, colour = data["results"][:3], data["results"][3:]
+    for a, b, row in zip(plain, colour, rows[4:]):  # the cost column: official / crop_flip of the same pipeline
+        assert a["vs_crop_flip"] is None and float(row[5]) == round(b["images_per_s"] / a["images_per_s"], 2)
     assert lines[0] in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_sweep_smoke_times_one_and_two_workers(tmp_path):
+    """scripts/bench_sweep.py on a tiny synthetic grid: one table, a row per worker count with every run of the
+    grid trained, 1.00x for the baseline by construction, and its files."""
+    from conftest import TINY
+
+    extra = " ".join(a for a in TINY if not a.startswith(("per_gpu_batch=", "epochs="))) + " epochs=1"
+    args = ["--preset", "none", "--grid", "per_gpu_batch=8,4", "--workers", "1,2", "--extra", extra]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_sweep.py"), *args, "--out", str(tmp_path / "sweep")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines() if line[:3] == "| 1"]
+    rows += [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines() if line[:3] == "| 2"]
+    assert [(r[0], r[1]) for r in rows] == [("1", "4"), ("2", "4")] and rows[0][4] == "1.00x", proc.stdout
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["workers"] for r in data["rows"]] == [1, 2] and all(r["runs"] == 4 for r in data["rows"])

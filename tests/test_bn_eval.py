@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.bn_eval import batch_statistic_layers, batch_stats_model, evaluations, precise_bn, regroup
+from normbench.bn_eval import Regrouped, batch_statistic_layers, batch_stats_model, evaluations, precise_bn
 from normbench.norms import build_norm
 
 from conftest import REPO, TINY, compose
@@ -127,7 +127,7 @@ def test_batch_stats_normalizes_each_group_of_test_images_with_its_own_statistic
 def test_regroup_carries_the_leftover_images_and_keeps_the_order():
     xs = [rand(s, 1, 2, 2, seed=s) for s in (5, 5, 3)]
     loader = [(x, torch.arange(x.shape[0])) for x in xs]
-    out = list(regroup(loader, 4))
+    out = list(Regrouped(loader, 4))
     assert [x.shape[0] for x, _ in out] == [4, 4, 4, 1]
     torch.testing.assert_close(torch.cat([x for x, _ in out]), torch.cat(xs), rtol=0, atol=0)
 
@@ -254,7 +254,14 @@ def test_train_records_top1_error_by_eval(tmp_path):
     (result,) = (tmp_path / "on").rglob("result.json")
     assert json.loads(result.read_text())["top1_error_by_eval"] == by_eval
     off = train_tiny(tmp_path / "off", "norm=bn", "bn_eval.enabled=false")
-    assert "top1_error_by_eval" not in off and off["run_id"] == on["run_id"]  # an evaluation, not the training
+    assert "top1_error_by_eval" not in off
+    # bn_eval.enabled is an evaluation, not the training: not in the id; a non-default PreciseBN count is, as
+    # it changes a recorded number
+    from normbench.runs import run_id
+
+    default_count = json.loads(result.read_text())["config"]
+    default_count["bn_eval"]["precise_bn_images"] = 8192
+    assert off["run_id"] == run_id(default_count) != on["run_id"]
     assert off["top1_error_final"] == on["top1_error_final"]
     assert train_tiny(tmp_path / "gn", "norm=gn")["top1_error_by_eval"].keys() == {"ema"}
 
@@ -346,6 +353,6 @@ def test_batch_stats_do_not_depend_on_the_eval_batch_which_is_not_part_of_the_ru
 
 def test_regroup_to_a_fixed_batch_keeps_every_image_in_order():
     loader = [(torch.arange(i, i + 5), torch.arange(i, i + 5)) for i in range(0, 23, 5)]  # 25 images in fives
-    out = list(regroup(loader, 4, batch=8))
+    out = list(Regrouped(loader, 4, batch=8))
     assert [x.shape[0] for x, _ in out] == [8, 8, 8, 1]
     assert torch.equal(torch.cat([x for x, _ in out]), torch.arange(25))

@@ -56,7 +56,6 @@ COMMON_KEYS = {
     "mean",
     "std",
     "eval_batch",
-    "workers",
     "train_subset",
     "epoch_size",
 }
@@ -64,7 +63,7 @@ EXTRA_KEYS = {
     "fashion_mnist": set(),
     "cifar10": set(),
     "cifar100": set(),
-    "imagenet": {"image_size", "decoder"},
+    "imagenet": {"image_size", "decoder", "workers"},  # the on-device data sets have no loader workers
     "synthetic": {"num_train", "num_eval", "image_size", "channels", "num_classes", "data_seed"},
 }
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from normbench.interrupts import INTERRUPT_SIGNALS
+from normbench.runs.interrupts import INTERRUPT_SIGNALS
 
 from conftest import REPO, TINY, cli
 
@@ -166,10 +166,17 @@ def test_a_signal_during_start_up_says_one_true_line(tmp_path, signum, delay_s):
     told = [line for line in stderr.splitlines() if line.startswith("normbench")]
     name = signal.Signals(signum).name
     (result,) = list(tmp_path.rglob("result.json")) or [None]
-    if result is not None and json.loads(result.read_text())["status"] == "interrupted":
+    status = None if result is None else json.loads(result.read_text())["status"]
+    if status == "interrupted":
         assert told == [
             f"normbench train: interrupted by {name}; the run is recorded as interrupted: rerun the same command to "
             "resume it"
+        ], stderr
+    elif status is not None:  # a fast machine: the run finished and the signal met the command winding down
+        assert status == "completed", result.read_text()
+        assert told == [
+            f"normbench train: interrupted by {name} after the run was recorded as completed (its result.json is "
+            "whole); a rerun trains only what is not finished"
         ], stderr
     else:
         assert result is None, result.read_text()
@@ -177,6 +184,35 @@ def test_a_signal_during_start_up_says_one_true_line(tmp_path, signum, delay_s):
             f"normbench train: interrupted by {name} before the run recorded anything (no result.json): rerun the "
             "same command"
         ], stderr
+
+
+# SIGTERM once train() has returned, as the command winds down (Hydra's teardown): the window CI's fast
+# machine hit with a real signal 3 s into a one-epoch run, which then died in silence with the default action.
+SIGNAL_AS_THE_COMMAND_ENDS = """
+import os, signal, sys, time
+import normbench.train as train_module
+real_train = train_module.train
+def train(cfg):
+    result = real_train(cfg)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler runs before this returns
+    return result
+train_module.train = train
+from normbench.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_signal_after_the_run_finished_says_so_in_one_line(tmp_path):
+    proc = _start([*TINY, "epochs=1", f"results_dir={tmp_path}"], code=SIGNAL_AS_THE_COMMAND_ENDS)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("normbench")] == [
+        "normbench train: interrupted by SIGTERM after the run was recorded as completed (its result.json is "
+        "whole); a rerun trains only what is not finished"
+    ], stderr
+    assert _result(tmp_path)["status"] == "completed"
 
 
 # SIGKILL inside the atomic write of epoch 2's checkpoint: the temporary file holds part of it when the process
@@ -191,7 +227,7 @@ def save_torch(path, obj):
             handle.write(b"x" * 65536)
             handle.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        runs._atomic(path, part)
+        runs.files._atomic(path, part)
     real_save(path, obj)
 runs.save_torch = save_torch
 from normbench.cli import main
@@ -355,6 +391,26 @@ def test_disk_full_fails_in_one_line_and_leaves_no_half_written_file(small_tmpfs
         assert json.loads(result.read_text())["status"] == "failed"
 
 
+def test_a_disk_already_full_at_start_fails_in_one_line_and_writes_nothing(small_tmpfs):
+    # every block taken: creating an empty file still works there, writing a byte does not
+    with open(small_tmpfs / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:  # ENOSPC: full
+            pass
+    before = sorted(p.name for p in small_tmpfs.rglob("*"))
+    for command in ("train", "sweep"):
+        extra = ["experiment=gn_table2", "preset=local"] if command == "sweep" else list(TINY)
+        proc = cli(command, *extra, f"results_dir={small_tmpfs}")
+        assert proc.returncode != 0
+        assert _stderr_lines(proc) == [
+            f"normbench {command}: error: disk full in {small_tmpfs} (No space left on device); free space on "
+            "that file system or set results_dir= to another one"
+        ], proc.stderr
+        assert sorted(p.name for p in small_tmpfs.rglob("*")) == before  # not even Hydra's directory
+
+
 def test_read_only_results_dir_fails_in_one_line_even_for_a_finished_run(tmp_path):
     mount = tmp_path / "ro"
     root_and_mounts = os.geteuid() == 0 and _mount_tmpfs(mount, "size=4m")
@@ -465,17 +521,31 @@ def test_wandb_id_and_run_hash_separate_what_must_not_mix():
     assert runs.run_id(config("force=true")) == runs.run_id(config())
 
 
+def _sweep_job(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """What a submitit/SLURM job of a sweep runs: the Hydra task, not the `normbench` command, with the
+    command's environment (NORMBENCH_FORCE_SINCE included) inherited."""
+    code = "import sys; from normbench.train import main; sys.argv[0] = 'normbench train'; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **env},
+    )
+
+
 def test_force_retrains_only_results_older_than_the_command(tmp_path):
-    # Two workers of one force=true sweep share its start (NORMBENCH_FORCE_SINCE, set by the first `normbench`
-    # and inherited by its jobs): the second finds a result newer than that and leaves it.
+    # The jobs of one force=true sweep share its start (NORMBENCH_FORCE_SINCE, set by `normbench` and inherited
+    # by its jobs): a job that finds a result newer than that leaves it.
     args = [*TINY, "epochs=1", f"results_dir={tmp_path}"]
     assert cli("train", *args).returncode == 0
     since = {"NORMBENCH_FORCE_SINCE": repr(time.time())}
-    first = cli("train", *args, "force=true", env=since)
+    first = _sweep_job(*args, "force=true", env=since)
     assert first.returncode == 0 and "training it again" in first.stdout, first.stderr
     (run,) = [p.parent for p in tmp_path.rglob("result.json") if ".replaced-" not in str(p)]
     made = (run / "result.json").read_text()
-    second = cli("train", *args, "force=true", env=since)
+    second = _sweep_job(*args, "force=true", env=since)
     assert second.returncode == 0 and "trained again since this command started" in second.stdout, second.stdout
     assert "training it again" not in second.stdout
     assert (run / "result.json").read_text() == made and len(list(tmp_path.rglob("*.replaced-*"))) == 1

@@ -54,15 +54,14 @@ def test_every_experiment_composes_and_resolves_at_every_preset(experiment, pres
 def test_every_cell_at_preset_local_builds_and_takes_a_training_step(experiment):
     """Group counts and channels per group must fit the width-8 model, per_gpu_batch the layers: build each
     cell's model as the trainer does and run one forward/backward on a step-sized batch."""
-    from normbench.config import norm_options
     from normbench.models import build_model
-    from normbench.norms import norm_layer
+    from normbench.norms import NormSpec
 
     for job in _jobs(experiment, "local"):
         cfg = compose(job)
         config = OmegaConf.to_container(cfg, resolve=True)
         assert config["data"]["name"] == "fashion_mnist" and config["epochs"] == 1
-        model = build_model(cfg.model, norm_layer(cfg.norm.name, **norm_options(config)), 10, 1)
+        model = build_model(cfg.model, NormSpec.from_config(config).layer(), 10, 1)
         model.train()
         images = torch.randn(config["gpus"] * config["per_gpu_batch"], 1, 28, 28)
         model(images).square().mean().backward()

@@ -1,6 +1,6 @@
 """Report generator on synthetic result.json files, checked against hand-computed numbers.
 
-Paper numbers are typed in here from docs/papers.md section 1 (not read from normbench.papers),
+Paper numbers are typed in here from docs/papers.md section 1 (not read from normbench.report.papers),
 so a transcription slip in papers.py fails these tests.
 """
 
@@ -204,7 +204,7 @@ def test_failed_write_leaves_no_temp_and_keeps_old_file(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(normbench.runs.os, "replace", boom)
+    monkeypatch.setattr(normbench.runs.files.os, "replace", boom)
     write_result(tmp_path / "r", norm="gn", groups=32, per_gpu_batch=4, seed=0, error=11.0)
     with pytest.raises(OSError):
         build_report("gn_table2", tmp_path / "r", out)
@@ -399,3 +399,83 @@ def test_pono_ms_layout_places_the_three_norms_and_has_no_paper_numbers(tmp_path
         assert float(row["mean"]) == pytest.approx(sum(errs) / len(errs)) and row["paper"] == ""
     assert "PONO-MS - GN at 32 images/GPU: -1.50" in s.markdown
     assert "PONO-MS - GN at 2 images/GPU: -1.00" in s.markdown
+
+
+@pytest.mark.parametrize(
+    "field, value, named",
+    [
+        ("gpus", "8", "`gpus`"),
+        ("per_gpu_batch", None, "`per_gpu_batch`"),
+        ("per_gpu_batch", True, "`per_gpu_batch`"),
+        ("norm", 5, "`norm`"),
+        ("norm_options", [32], "`norm_options`"),
+        ("git", {"commit": 1234, "dirty": False}, "`git.commit`"),
+        ("git", {"commit": "abc", "dirty": "no"}, "`git.dirty`"),
+        ("config", "preset", "`config`"),
+        ("top1_error_by_eval", 3.0, "`top1_error_by_eval`"),
+    ],
+)
+def test_a_damaged_field_is_named_and_its_run_left_out(tmp_path, capsys, field, value, named):
+    """Every field the report reads, damaged in a real result.json: the command exits 0, the report says which
+    file and field, and the table is built from the other runs (no TypeError)."""
+    from normbench.cli import main
+
+    root = tmp_path / "r"
+    write_result(root, norm="bn", per_gpu_batch=32, error=23.0)
+    damaged = write_result(root, norm="gn", per_gpu_batch=32, error=24.0)
+    data = json.loads(damaged.read_text())
+    data[field] = value
+    damaged.write_text(json.dumps(data))
+    assert main(["report", "experiment=gn_table2", f"results_dir={root}"]) == 0
+    out = capsys.readouterr().out
+    assert "1 completed" in out, out
+    md = (root / "reports" / "gn_table2.md").read_text()
+    assert f"Damaged result file skipped: `{damaged}`: {named} is" in md
+    cells = read_csv(root / "reports" / "gn_table2.csv")
+    assert fl(cells[("BN", "32", "top1_error_median_last5")]["mean"]) == 23.0
+    assert fl(cells[("GN", "32", "top1_error_median_last5")]["mean"]) is None  # its one run was left out
+
+
+def _imagenet_config(seed: int, **colour) -> dict:
+    augment = {"min_scale": 0.08, "flip": True, **colour}
+    return {"seed": seed, "epochs": 10, "data": {"name": "imagenet", "image_size": 224, "augment": augment}}
+
+
+OFFICIAL_COLOUR = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "lighting": 0.1}
+
+
+def test_what_was_run_names_the_augmentation_and_never_averages_across_it(tmp_path):
+    r = tmp_path / "r"
+    w = lambda **k: write_result(r, data="imagenet", model="resnet50", **k)  # noqa: E731
+    w(norm="bn", per_gpu_batch=32, seed=0, error=23.0, config=_imagenet_config(0, **OFFICIAL_COLOUR))
+    w(norm="bn", per_gpu_batch=32, seed=1, error=23.4, config=_imagenet_config(1, **OFFICIAL_COLOUR))
+    # recorded before the colour keys existed: crop and flip only
+    w(norm="gn", groups=32, per_gpu_batch=32, seed=0, error=24.2, config=_imagenet_config(0))
+    md = build_report("gn_table2", r).markdown
+    line = next(s for s in md.splitlines() if s.startswith("- Training augmentation: "))
+    official = (
+        "random-resized crop 224 (area 0.08-1) + flip + colour jitter (brightness 0.4, contrast 0.4, saturation "
+        "0.4; in a random order) + PCA lighting 0.1 (fb.resnet.torch's, as the official GN reproduction)"
+    )
+    assert f"{official} (2 runs)" in line, line
+    assert "random-resized crop 224 (area 0.08-1) + flip only: no colour jitter or lighting (1 run)" in line, line
+    assert "mixed: a cell never averages runs that differ in it" in line
+    # a crop-and-flip seed in the official recipe's cell: refused, the key named
+    w(norm="bn", per_gpu_batch=32, seed=2, error=24.0, config=_imagenet_config(2, brightness=0, lighting=0))
+    with pytest.raises(ValueError) as e:
+        build_report("gn_table2", r)
+    msg = str(e.value)
+    assert "\n" not in msg and "differ in data.augment.brightness (0.4 in" in msg and "absent in" in msg, msg
+
+
+def test_one_augmentation_is_named_without_counts(tmp_path):
+    r = tmp_path / "r"
+    write_result(
+        r,
+        norm="bn",
+        seed=0,
+        error=10.0,
+        config={"seed": 0, "data": {"image_size": 28, "augment": {"crop_padding": 2, "rrc_scale": None, "flip": True}}},
+    )
+    md = build_report("gn_table2", r).markdown
+    assert "- Training augmentation: random 28x28 crop of the 2-pixel zero-padded image + flip\n" in md

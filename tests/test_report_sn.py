@@ -1,6 +1,6 @@
 """SN table report: accuracy = 100 - error, the not-run BN (8,1) cell, importance-weight averaging.
 
-Paper numbers typed from docs/papers.md section 1, not read from normbench.papers.
+Paper numbers typed from docs/papers.md section 1, not read from normbench.report.papers.
 """
 
 from __future__ import annotations

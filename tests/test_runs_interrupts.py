@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from normbench.interrupts import Interrupted, interrupts_raise, recording_epoch
+from normbench.runs.interrupts import Interrupted, interrupts_raise, recording_epoch
 
 
 @pytest.fixture(autouse=True)
@@ -54,3 +54,19 @@ def test_an_ignored_signal_stays_ignored():
     with interrupts_raise():
         os.kill(os.getpid(), signal.SIGUSR1)
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+
+
+def test_after_the_run_the_start_up_handler_is_back_and_after_a_signal_the_default(monkeypatch):
+    """A run that ends in peace leaves the command's start-up handler in place (a signal while the command
+    winds down still gives one line, never a silent death, the failure CI met); after a first signal the
+    default is back, so a second one stops at once."""
+    from normbench.runs import interrupts
+
+    monkeypatch.setattr(interrupts, "_before_start", {signal.SIGUSR1: signal.SIG_DFL})
+    signal.signal(signal.SIGUSR1, interrupts._raise_interrupted)  # as start_up_interrupts leaves it
+    with interrupts_raise():
+        pass
+    assert signal.getsignal(signal.SIGUSR1) is interrupts._raise_interrupted
+    with pytest.raises(Interrupted), interrupts_raise():
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL

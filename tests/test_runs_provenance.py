@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from normbench.provenance import git_state
+from normbench.runs.provenance import git_state
 
 from conftest import REPO, TINY, cli
 
@@ -85,3 +85,23 @@ def test_a_run_resumed_under_other_code_records_every_commit_with_its_epochs(tmp
         {"commit": second, "dirty": True, "dirty_paths": ["normbench/paths.py"], "epochs": [2, 2]},
     ]
     assert result["git"]["commit"] == second and result["epochs_completed"] == 2
+
+
+def test_committed_runs_keep_their_ids_and_a_non_default_precise_bn_count_is_a_new_run():
+    """The ids of the committed reference runs (computed by the code that trained them) are what the identity
+    gives today; bn_eval.precise_bn_images changes the recorded PreciseBN number, so another count is another
+    run, while the default leaves the id as it was."""
+    from normbench.runs import run_id
+
+    committed = sorted((REPO / "results" / "fashion_mnist").glob("*/*/result.json"))
+    assert len(committed) > 100
+    for path in committed[::7]:
+        result = json.loads(path.read_text())
+        assert run_id(result["config"]) == result["run_id"], path
+    config = json.loads(committed[0].read_text())["config"]
+    other = json.loads(json.dumps(config))
+    other["bn_eval"]["precise_bn_images"] = 4096
+    assert run_id(other) != run_id(config)
+    other["bn_eval"]["precise_bn_images"] = 8192
+    other["bn_eval"]["enabled"] = False  # adds no number and changes none
+    assert run_id(other) == run_id(config)

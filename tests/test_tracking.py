@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from normbench.tracking import LogProgress, progress
+from normbench.progress import LogProgress, progress
 
 
 class FakeClock:

@@ -177,7 +177,8 @@ def test_two_process_ddp_bn_and_sn_match_one_process_emulation(tmp_path, norm):
             "--standalone",
             "--nproc_per_node=2",
             "-m",
-            "normbench.train",
+            "normbench",
+            "train",
             *args,
             f"results_dir={tmp_path / 'two'}",
         ],
@@ -196,6 +197,55 @@ def test_two_process_ddp_bn_and_sn_match_one_process_emulation(tmp_path, norm):
         torch.testing.assert_close(wa[key].double(), wb[key].double(), rtol=1e-4, atol=1e-5, msg=key)
     ra, rb = json.loads((one / "result.json").read_text()), json.loads((two / "result.json").read_text())
     assert ra["top1_error_final"] == pytest.approx(rb["top1_error_final"], abs=1.0)
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_each_match_one_process_emulation(tmp_path):
+    """Multi-node torchrun: two agents (`--nnodes=2`, node ranks 0 and 1, c10d rendezvous on localhost, gloo)
+    as two real nodes would run them, against one process emulating both GPUs."""
+    import socket
+
+    args = [*TINY, "norm=bn", "epochs=1", "data.num_train=128"]
+    single = cli("train", *args, f"results_dir={tmp_path / 'one'}")
+    assert single.returncode == 0, single.stderr
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=normbench-two-nodes",
+                "-m",
+                "normbench",
+                "train",
+                *args,
+                f"results_dir={tmp_path / 'two'}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    (one,), (two,) = _run_dirs(tmp_path / "one"), _run_dirs(tmp_path / "two")
+    assert one.name == two.name
+    wa, wb = _weights(one), _weights(two)
+    for key in wa:
+        torch.testing.assert_close(wa[key].double(), wb[key].double(), rtol=1e-4, atol=1e-5, msg=key)
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
 
 
 def test_channels_last_changes_nothing_beyond_float_error(tmp_path):

@@ -81,14 +81,10 @@ def plan_jobs(base_jobs: list[list[str]], grid: list, seeds: list, allowed: dict
 
 
 def run_state(directory) -> str:
-    """done (a result that needs no more training: completed or diverged), partial (a checkpoint to resume
-    from) or new."""
+    """done / partial / new: normbench.runs.run_state, the trainer's own test (it reads, never moves a file)."""
     from normbench import runs
 
-    result = runs.read_json(directory / "result.json")  # not runs.read_result: it moves damaged files aside
-    if isinstance(result, dict) and result.get("status") in runs.FINAL_STATUSES:
-        return "done"
-    return "partial" if (directory / "checkpoint.pt").exists() else "new"
+    return runs.run_state(directory)
 
 
 def finished_since(directories, since: float) -> list[bool]:
@@ -109,7 +105,7 @@ def _run_directory(config: dict):
     """The run's directory as train() names it: the precision `fast.amp: auto` resolves to on this machine's
     device is part of the run's hash (so a dry run on a CPU login node names the CPU runs)."""
     from normbench import runs
-    from normbench.train import fast_settings, resolve_device
+    from normbench.fast import fast_settings, resolve_device
 
     fast = fast_settings(config, resolve_device(config["device"]))
     config["fast"].update(amp=fast["amp"], channels_last=fast["channels_last"])
@@ -191,7 +187,30 @@ class NormbenchSweeper(BasicSweeper):
         sweep_started = time.time()
         pending = [state in ("new", "partial", "redo") for _, state, _ in planned]  # what this grid still trains
         directories = [directory for _, _, directory in planned]
-        for start in range(0, len(jobs), batch):
+
+        def tell_progress(finished: int, outcome: str) -> None:
+            if finished >= len(jobs):
+                return
+            # Read from disk, not from the plan: other workers on the same grid finish runs too, and the
+            # grid's completion rate (theirs included) is what tells when it will be done.
+            fresh = finished_since(directories, sweep_started)
+            left = [p and not f for p, f in zip(pending, fresh)]
+            to_train = sum(left[finished:]) if not workers_path else sum(left)
+            eta = grid_eta(time.time() - sweep_started, sum(p and f for p, f in zip(pending, fresh)), sum(left))
+            print(
+                f"sweep {experiment}: run {finished}/{len(jobs)} {outcome}; {to_train} of the "
+                f"{len(jobs) - finished} left to train, ETA {eta} for the grid",
+                flush=True,
+            )
+
+        from normbench.sweep_workers import resolve_workers
+
+        workers = resolve_workers(sweep_cfg.get("workers", 1), str(self.config.get("device", "auto")))
+        workers_path = in_process and workers > 1
+        if workers_path:
+            self._train_in_workers(jobs, planned, workers, outcomes, failures, tell_progress)
+            batch = len(jobs) + 1  # nothing left for the in-process launcher
+        for start in range(0 if batch <= len(jobs) else len(jobs), len(jobs), batch):
             try:
                 returns = self.launcher.launch(jobs[start : start + batch], initial_job_idx=start)
             except Exception as err:
@@ -205,19 +224,8 @@ class NormbenchSweeper(BasicSweeper):
                     outcome = "failed"
                     failures.append(f"  {' '.join(job)}: {ret._return_value}")
                 outcomes[outcome] += 1
-            finished = start + len(returns)
-            if in_process and finished < len(jobs):
-                # Read from disk, not from the plan: other workers on the same grid finish runs too, and the
-                # grid's completion rate (theirs included) is what tells when it will be done.
-                fresh = finished_since(directories, sweep_started)
-                left = [p and not f for p, f in zip(pending, fresh)]
-                to_train = sum(left[finished:])
-                eta = grid_eta(time.time() - sweep_started, sum(p and f for p, f in zip(pending, fresh)), sum(left))
-                print(
-                    f"sweep {experiment}: run {finished}/{len(jobs)} {outcome}; {to_train} of the "
-                    f"{len(jobs) - finished} left to train, ETA {eta} for the grid",
-                    flush=True,
-                )
+            if in_process:
+                tell_progress(start + len(returns), outcome)
         order = ["completed", "skipped", "resumed", "diverged", "busy", "interrupted", "failed"]
         summary = ", ".join(f"{outcomes[k]} {k}" for k in order)
         print(f"sweep {experiment}: {len(jobs)} runs: {summary}", flush=True)
@@ -228,9 +236,58 @@ class NormbenchSweeper(BasicSweeper):
                 flush=True,
             )
         if failures:
-            print("failed runs:\n" + "\n".join(failures), file=sys.stderr, flush=True)
-            sys.exit(1)
+            print(f"failed runs ({len(failures)} of {len(jobs)}):\n" + "\n".join(failures), file=sys.stderr, flush=True)
+            sys.exit(min(len(failures), 100))  # the exit status says how many failed (capped below 126)
         return outcomes
+
+    def _train_in_workers(self, jobs, planned, workers, outcomes, failures, tell_progress) -> None:
+        """sweep.workers > 1 (normbench.sweep_workers): finished runs are skipped here without a process; every
+        other run trains in a worker process of its own, up to `workers` at once."""
+        from pathlib import Path
+
+        from normbench import runs
+        from normbench.runs.interrupts import Interrupted
+        from normbench.sweep_workers import run_in_workers
+
+        done = [i for i, (_, state, _) in enumerate(planned) if state == "done"]
+        outcomes["skipped"] += len(done)
+        finished = [len(done)]
+        log_dir = Path(str(self.config.hydra.sweep.dir)) / "workers"
+        log.info(
+            "sweep %s: %d workers; each run's output in %s/<grid index>.log", self.config.experiment, workers, log_dir
+        )
+
+        def on_finished(run) -> None:
+            name, state, directory = planned[run.index]
+            result = runs.read_json(directory / "result.json") if directory is not None else None
+            if run.returncode == 0 and runs.is_finished(result):
+                outcome = "resumed" if state == "partial" and result["status"] == "completed" else result["status"]
+            elif run.returncode == 0:
+                outcome = "busy"  # another process held the run's lock
+            elif run.returncode >= 128:
+                outcome = "interrupted"
+            else:
+                outcome = "failed"
+                lines = run.log_path.read_text(errors="replace").strip().splitlines()
+                failures.append(
+                    f"  {' '.join(jobs[run.index])}: {lines[-1] if lines else 'no output'} ({run.log_path})"
+                )
+            outcomes[outcome] += 1
+            finished[0] += 1
+            tell_progress(finished[0], outcome)
+
+        todo = [i for i in range(len(jobs)) if i not in set(done)]
+        device = str(self.config.get("device", "auto"))
+        try:
+            run_in_workers(jobs, todo, workers, log_dir, on_finished, device=device)
+        except Interrupted as stop:
+            print(
+                f"sweep {self.config.experiment}: interrupted by {stop}; the runs in progress recorded how far they "
+                "got: rerun the same sweep to resume them",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(128 + stop.signum)
 
 
 def _uncompleted_job_exit(experiment: str, err: Exception) -> None:

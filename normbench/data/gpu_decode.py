@@ -5,13 +5,14 @@ batch with one ``torchvision.io.decode_jpeg(list_of_byte_tensors, device=...)`` 
 CUDA, libjpeg-turbo on the CPU (the same function, so the CPU tests run this code) -- and crops, flips, resizes and
 normalizes on the device:
 
-* train: ``RandomResizedCrop(image_size, scale=(min_scale, 1))`` + horizontal flip, drawn exactly as the PIL path
-  draws them: torchvision's ``RandomResizedCrop.get_params`` then ``RandomHorizontalFlip``'s ``torch.rand(1) < 0.5``,
+* train: ``RandomResizedCrop(image_size, scale=(min_scale, 1))`` + horizontal flip + colour jitter and lighting
+  (:mod:`normbench.data.colour`), drawn exactly as the PIL path draws them: torchvision's
+  ``RandomResizedCrop.get_params``, ``RandomHorizontalFlip``'s ``torch.rand(1) < 0.5``, then ``colour.draw``,
   with the CPU generator seeded from the position's seed (the same per-position seed as the PIL path, see
-  :mod:`normbench.data.imagenet`). So an image gets the same crop box and flip from both decoders, whatever the
-  number of processes or workers and whatever device decodes it. Each crop is resized with torchvision's tensor
-  ``resized_crop`` (bilinear, antialiased, rounded to uint8 as PIL does), then the batch is flipped and normalized
-  in one go;
+  :mod:`normbench.data.imagenet`). So an image gets the same crop box, flip and colour from both decoders,
+  whatever the number of processes or workers and whatever device decodes it. Each crop is resized with
+  torchvision's tensor ``resized_crop`` (bilinear, antialiased, rounded to uint8 as PIL does), then the batch is
+  flipped, colour-augmented (``colour.apply``, batched) and normalized in one go;
 * eval: ``Resize(image_size*256/224)`` (shorter side) + ``CenterCrop(image_size)``, as the PIL path.
 
 The pixels differ from the PIL path's only by the resampling (PIL's fixed-point antialiased bilinear against torch's
@@ -24,9 +25,13 @@ CMYK JPEGs; decode_jpeg's RGB mode converts CMYK and grayscale) are decoded on t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
+from .colour import ColourAugment, ColourDraw
+from .colour import apply as apply_colour
+from .colour import draw as draw_colour
 from .common import DataError
 
 DECODERS = ("pil", "gpu")
@@ -121,10 +126,27 @@ def decode_batch(datas: Sequence[torch.Tensor], paths: Sequence[str], device: to
     return out
 
 
-def draw_crops(sizes: Sequence[tuple[int, int]], seeds: Sequence[int], scale, ratio, flip: bool) -> list[tuple]:
-    """``(top, left, height, width, flipped)`` per image of size ``(H, W)``: torchvision's RandomResizedCrop
-    parameters and RandomHorizontalFlip draw, with the CPU generator seeded from the image's position seed -- the
-    draws the PIL path makes (imagenet.SeededTransformDataset) -- and the caller's RNG state restored."""
+class TrainDraw(NamedTuple):
+    top: int
+    left: int
+    height: int
+    width: int
+    flipped: bool
+    colour: ColourDraw | None = None  # None: no colour augmentation
+
+
+def draw_crops(
+    sizes: Sequence[tuple[int, int]],
+    seeds: Sequence[int],
+    scale,
+    ratio,
+    flip: bool,
+    colour: ColourAugment | None = None,
+) -> list[TrainDraw]:
+    """A TrainDraw per image of size ``(H, W)``: torchvision's RandomResizedCrop parameters, RandomHorizontalFlip's
+    draw, then the colour draws (colour.draw), with the CPU generator seeded from the image's position seed -- the
+    draws the PIL path makes in that order (imagenet.SeededTransformDataset) -- and the caller's RNG state
+    restored."""
     from torchvision.transforms import RandomResizedCrop
 
     scale, ratio = list(scale), list(ratio)
@@ -135,26 +157,31 @@ def draw_crops(sizes: Sequence[tuple[int, int]], seeds: Sequence[int], scale, ra
             # get_params only reads the shape: an expanded 1-element tensor stands in for the image
             top, left, ch, cw = RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(1, h, w), scale, ratio)
             flipped = bool(torch.rand(1) < 0.5) if flip else False
-            params.append((top, left, ch, cw, flipped))
+            params.append(TrainDraw(top, left, ch, cw, flipped, draw_colour(colour) if colour is not None else None))
     return params
 
 
-def normalize(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B, 3, S, S)`` -> ToTensor + Normalize, in float32."""
-    return batch.float().div_(255.0).sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
+def normalize(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, colour_draws=None) -> torch.Tensor:
+    """uint8 ``(B, 3, S, S)`` -> ToTensor (+ the colour augmentation when ``colour_draws``) + Normalize, in
+    float32."""
+    x = batch.float().div_(255.0)
+    if colour_draws is not None:
+        x = apply_colour(x, colour_draws)
+    return x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
 
 
-def train_batch(images, params, size: int, mean, std) -> torch.Tensor:
+def train_batch(images, params: Sequence[TrainDraw], size: int, mean, std) -> torch.Tensor:
     from torchvision.transforms import functional as TF
 
     crops = [
-        TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
-        for img, (top, left, h, w, _) in zip(images, params)
+        TF.resized_crop(img, p.top, p.left, p.height, p.width, [size, size], antialias=True)
+        for img, p in zip(images, params)
     ]
     batch = torch.stack(crops)
-    flipped = torch.tensor([p[4] for p in params], dtype=torch.bool).to(batch.device, non_blocking=True)
+    flipped = torch.tensor([p.flipped for p in params], dtype=torch.bool).to(batch.device, non_blocking=True)
     batch = torch.where(flipped.view(-1, 1, 1, 1), batch.flip(-1), batch)
-    return normalize(batch, mean, std)
+    colour = [p.colour for p in params]
+    return normalize(batch, mean, std, colour if all(d is not None for d in colour) else None)
 
 
 def eval_batch(images, resize: int, size: int, mean, std) -> torch.Tensor:
@@ -173,7 +200,7 @@ class GpuDecodeBatches:
         self.size, self.resize = size, resize
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
-        self.aug = aug  # None for eval, else dict(scale=, ratio=, flip=)
+        self.aug = aug  # None for eval, else dict(scale=, ratio=, flip=, colour=ColourAugment)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -184,7 +211,11 @@ class GpuDecodeBatches:
         if self.aug is None:
             return eval_batch(images, self.resize, self.size, self.mean, self.std)
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        params = draw_crops(sizes, seeds, self.aug["scale"], self.aug["ratio"], self.aug["flip"])
+        aug = self.aug
+        colour = aug.get("colour")
+        params = draw_crops(
+            sizes, seeds, aug["scale"], aug["ratio"], aug["flip"], colour if colour and colour.enabled else None
+        )
         return train_batch(images, params, self.size, self.mean, self.std)
 
     def __iter__(self):

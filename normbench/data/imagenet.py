@@ -1,7 +1,8 @@
 """ImageNet (or any ImageFolder data set) at ``<root>/train`` and ``<root>/val``, via a DataLoader.
 
-Train: RandomResizedCrop(image_size) + horizontal flip; eval: Resize(image_size*256/224) +
-CenterCrop(image_size); then ToTensor + Normalize(mean, std).
+Train: RandomResizedCrop(image_size) + horizontal flip, then ToTensor, fb.resnet.torch's colour jitter and PCA
+lighting (:mod:`normbench.data.colour`; ``data.augment.brightness/contrast/saturation/lighting``, 0 turns each
+off) and Normalize(mean, std); eval: Resize(image_size*256/224) + CenterCrop(image_size) + ToTensor + Normalize.
 
 Determinism: a batch sampler hands this rank its slice of each deterministic global batch (the
 rule of :mod:`normbench.data.common`). Every training sample carries a seed drawn per epoch and
@@ -11,7 +12,8 @@ on the world size, nor on the number of workers, nor on which worker decodes it.
 
 ``data.decoder``: ``pil`` (the default) decodes and augments with PIL in the DataLoader workers; ``gpu`` has the
 workers read raw bytes only and decodes + augments batched on the device (:mod:`normbench.data.gpu_decode`), with
-the same per-position seeds and the same draws, so both decoders crop the same box and flip the same images.
+the same per-position seeds and the same draws, so both decoders crop the same box, flip the same images and
+give them the same colour jitter and lighting.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .colour import ColourAugment, ColourTransform
 from .common import (
     STREAM_AUGMENT,
     DataError,
@@ -220,10 +223,14 @@ def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, devi
     flip = bool(opt(aug, "flip", True))
     min_scale = float(opt(aug, "min_scale", 0.08))
     ratio = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's default
+    colour = ColourAugment.from_config(NAME, aug)
     train_tf = [T.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=ratio)]
     if flip:
         train_tf.append(T.RandomHorizontalFlip())
-    train_tf += [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf.append(T.ToTensor())
+    if colour.enabled:  # its draws follow the crop's and the flip's, as in gpu_decode.draw_crops
+        train_tf.append(ColourTransform(colour))
+    train_tf.append(T.Normalize(mean, std))
     eval_tf = [T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]
 
     num_train = apply_train_subset(NAME, cfg, len(train_folder))
@@ -268,7 +275,7 @@ def build(cfg, *, global_batch: int, rank: int, world_size: int, seed: int, devi
     train_decode = eval_decode = None
     if gpu:
         geometry = dict(size=size, resize=resize, mean=mean, std=std)
-        train_aug = dict(scale=(min_scale, 1.0), ratio=ratio, flip=flip)
+        train_aug = dict(scale=(min_scale, 1.0), ratio=ratio, flip=flip, colour=colour)
         train_decode = GpuDecodeBatches(train_loader, train_folder, device, NAME, aug=train_aug, **geometry)
         eval_decode = GpuDecodeBatches(eval_loader, val_folder, device, NAME, aug=None, **geometry)
     return dict(

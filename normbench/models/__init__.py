@@ -83,20 +83,21 @@ def init_weights(model: nn.Module, zero_init_last_gamma: bool) -> None:
 
 
 def build_model(cfg, norm_layer: Callable[[int], nn.Module], num_classes: int, in_channels: int) -> nn.Module:
-    """`cfg` is the `model` config node: name, and depth/width (cifar_resnet) or timm_name (timm)."""
-    name = cfg.name
+    """`cfg` is the `model` config node (a dict or a DictConfig): name, and depth/width (cifar_resnet) or
+    timm_name (timm)."""
+    name = cfg["name"]
     if name in ("resnet50", "resnet18"):
         model = _torchvision_resnet(name, norm_layer, num_classes, in_channels)
     elif name == "cifar_resnet":
-        model = CifarResNet(cfg.depth, norm_layer, num_classes, in_channels, width=cfg.width)
+        model = CifarResNet(cfg["depth"], norm_layer, num_classes, in_channels, width=cfg["width"])
     elif name == "timm":
-        model = _timm_model(cfg.timm_name, norm_layer, num_classes, in_channels)
+        model = _timm_model(cfg["timm_name"], norm_layer, num_classes, in_channels)
     else:
         raise ValueError(f"unknown model.name={name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    init_weights(model, cfg.zero_init_last_gamma)
+    init_weights(model, cfg["zero_init_last_gamma"])
     if cfg.get("pono_ms", False):  # the key exists only where configs/norm/pono_ms.yaml (or +model.pono_ms) sets it
         add_pono_ms(model)
-    if cfg.weight_standardization:
+    if cfg["weight_standardization"]:
         convert_to_ws(model)
     return model
 

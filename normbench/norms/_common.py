@@ -15,6 +15,7 @@ from torch import Tensor, nn
 __all__ = [
     "NormConfigError",
     "NormLayer",
+    "PerGPULayer",
     "check_int",
     "check_float",
     "check_bool",
@@ -50,6 +51,27 @@ class NormLayer:
 
     norm_name: str = "norm"
     reads_running_stats_in_training: bool = False
+    # True where the TRAINING forward normalizes with per-GPU batch statistics (bn_eval's PreciseBN and
+    # batch_stats evaluations re-estimate or recompute them); SN answers per layer (its use_bn)
+    normalizes_with_batch_statistics: bool = False
+
+    # ---- what the trainer asks of the layer kind (through normbench.norms.NormSpec), never its name -------------
+    @classmethod
+    def for_processes(cls, model: nn.Module, distributed: bool) -> nn.Module:
+        """The model as it trains across ``distributed`` processes (syncbn swaps in torch's SyncBatchNorm)."""
+        return model
+
+    @classmethod
+    def before_evaluation(cls, model: nn.Module, train_batches, settings: dict) -> bool:
+        """Work before each evaluation (SN's batch-average re-estimation); True if buffers changed, so the
+        trainer averages them across ranks. ``train_batches()`` yields training inputs; ``settings`` is the
+        config's norm node."""
+        return False
+
+    @classmethod
+    def recorded(cls, model: nn.Module) -> dict:
+        """Extra fields of the run's result.json (SN's importance weights)."""
+        return {}
 
     @classmethod
     def _option_defaults(cls) -> dict:
@@ -217,6 +239,20 @@ def add_running_stats(module: nn.Module, num_channels: int, device=None, dtype=N
         module.register_buffer("running_mean", torch.zeros(num_channels, device=device, dtype=dtype))
     module.register_buffer("running_var", torch.ones(num_channels, device=device, dtype=dtype))
     module.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+
+
+class PerGPULayer(NormLayer):
+    """Base of the layers with per-GPU batch statistics and BatchNorm2d-style state (bn, brn, sn, evonorm_b0):
+    the shared options (per_gpu_batch, momentum, eps), their checks, the state and its repr."""
+
+    normalizes_with_batch_statistics = True
+
+    @classmethod
+    def _check(cls, per_gpu_batch, momentum, eps, **extra):
+        check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"
 
 
 def init_batch_layer(

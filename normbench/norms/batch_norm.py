@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ._common import (
     NormLayer,
-    check_batch_options,
+    PerGPULayer,
     check_channels,
     check_eps,
     check_input,
@@ -103,7 +103,7 @@ def chunked_batch_norm(
     return y.view(N, C, H, W)
 
 
-class PerGPUBatchNorm2d(NormLayer, nn.Module):
+class PerGPUBatchNorm2d(PerGPULayer, nn.Module):
     """BatchNorm2d whose training statistics are computed per emulated GPU of ``per_gpu_batch`` images.
 
     Args:
@@ -114,10 +114,6 @@ class PerGPUBatchNorm2d(NormLayer, nn.Module):
     """
 
     norm_name = "bn"
-
-    @classmethod
-    def _check(cls, per_gpu_batch, momentum, eps):
-        check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
 
     def __init__(
         self,
@@ -137,9 +133,6 @@ class PerGPUBatchNorm2d(NormLayer, nn.Module):
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
 
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"
-
     def forward(self, x: Tensor) -> Tensor:
         check_input(self.norm_name, x, self.num_channels)
         if not self.training:
@@ -157,6 +150,11 @@ class SyncBatchNorm2d(NormLayer, nn.BatchNorm2d):
     is ordinary BN. (The conversion produces a built-in ``nn.SyncBatchNorm``.)"""
 
     norm_name = "syncbn"
+
+    @classmethod
+    def for_processes(cls, model: nn.Module, distributed: bool) -> nn.Module:
+        """Under DDP the statistics span every process: torch's own SyncBatchNorm (one process: plain BN)."""
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model) if distributed else model
 
     @classmethod
     def _check(cls, momentum, eps):

@@ -30,8 +30,7 @@ from torch import Tensor, nn
 
 from ._common import (
     NormConfigError,
-    NormLayer,
-    check_batch_options,
+    PerGPULayer,
     check_bool,
     check_float,
     check_input,
@@ -63,7 +62,7 @@ def _snapshot(buffer: Tensor) -> Tensor:
     return buffer.detach().reshape(1, -1).expand(8, -1).amax(0).view(buffer.shape)
 
 
-class BatchRenorm2d(NormLayer, nn.Module):
+class BatchRenorm2d(PerGPULayer, nn.Module):
     """``brn``: Batch Renorm with fixed or scheduled rmax/dmax (see module docstring)."""
 
     norm_name = "brn"
@@ -93,7 +92,7 @@ class BatchRenorm2d(NormLayer, nn.Module):
         check_int(L, "rmax_steps", rmax_steps, minimum=1)
         check_float(L, "dmax_max", dmax_max, low=0.0)
         check_int(L, "dmax_steps", dmax_steps, minimum=1)
-        check_batch_options(L, per_gpu_batch, momentum, eps)
+        super()._check(per_gpu_batch, momentum, eps)
         if schedule:
             if rmax is not None or dmax is not None:
                 raise NormConfigError(

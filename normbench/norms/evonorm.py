@@ -22,8 +22,8 @@ from torch.autograd.function import once_differentiable
 
 from ._common import (
     NormLayer,
+    PerGPULayer,
     add_affine,
-    check_batch_options,
     check_channels,
     check_eps,
     check_input,
@@ -120,14 +120,10 @@ class _EvoB0(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), g_w.to(weight.dtype), g_b.to(weight.dtype), g_v.to(v.dtype), *(None,) * 6
 
 
-class EvoNorm2dB0(NormLayer, nn.Module):
+class EvoNorm2dB0(PerGPULayer, nn.Module):
     """``evonorm_b0``."""
 
     norm_name = "evonorm_b0"
-
-    @classmethod
-    def _check(cls, per_gpu_batch, momentum, eps):
-        check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
 
     def __init__(
         self,
@@ -142,9 +138,6 @@ class EvoNorm2dB0(NormLayer, nn.Module):
         self._check(per_gpu_batch, momentum, eps)
         fk = init_batch_layer(self, num_channels, per_gpu_batch, momentum, eps, device, dtype, running_mean=False)
         self.v = nn.Parameter(torch.ones(num_channels, **fk))
-
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, momentum={self.momentum}, eps={self.eps}"
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self.norm_name, x, self.num_channels)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import NormConfigError, gpu_view, split_gpus, stats_dtype
+from .helpers import buffers_kept
 
 __all__ = ["reestimate_statistics", "VARIANCE_MODES"]
 
@@ -106,32 +107,23 @@ def reestimate_statistics(
         return 0
     if not {id(layer) for layer in layers} <= {id(m) for m in model.modules()}:
         raise NormConfigError("reestimate: every layer to re-estimate must be a module of the model")
-    flags = {m: m.training for m in model.modules()}
-    stale = {m: m._stale_batch_average for m in model.modules() if hasattr(m, "_stale_batch_average")}
-    saved = [(b, b.clone()) for b in model.buffers()]
     acc: dict[int, Tensor | None] = {i: None for i in range(len(layers))}
-    hooks = [layer.register_forward_pre_hook(_recorder(acc, i)) for i, layer in enumerate(layers)]
     device = _first_device(model)
     seen = 0
-    try:
-        model.train()
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if device is not None and x.device != device:
-                x = x.to(device, non_blocking=True)
-            forward(model, x) if forward is not None else model(x)
-            for buffer, value in saved:  # the next batch sees the final model again
-                buffer.copy_(value)
-            seen += 1
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for buffer, value in saved:
-            buffer.copy_(value)
-        for module, flag in flags.items():
-            module.training = flag
-        for module, flag in stale.items():
-            module._stale_batch_average = flag
+    with buffers_kept(model) as restore_buffers:
+        hooks = [layer.register_forward_pre_hook(_recorder(acc, i)) for i, layer in enumerate(layers)]
+        try:
+            model.train()
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if device is not None and x.device != device:
+                    x = x.to(device, non_blocking=True)
+                forward(model, x) if forward is not None else model(x)
+                restore_buffers()  # the next batch sees the final model again
+                seen += 1
+        finally:
+            for hook in hooks:
+                hook.remove()
     if seen == 0:
         raise NormConfigError("reestimate: got 0 batches; pass at least one training batch")
     for i, layer in enumerate(layers):

@@ -41,8 +41,7 @@ from torch import Tensor, nn
 
 from ._common import (
     NormConfigError,
-    NormLayer,
-    check_batch_options,
+    PerGPULayer,
     check_bool,
     check_choice,
     check_input,
@@ -103,14 +102,14 @@ def _sn_coeffs(
     return a, bias.view(1, C, 1, 1) - mean * a
 
 
-class SwitchableNorm2d(NormLayer, nn.Module):
+class SwitchableNorm2d(PerGPULayer, nn.Module):
     """``sn``: Switchable Norm (see the module docstring for the exact semantics and decisions)."""
 
     norm_name = "sn"
 
     @classmethod
     def _check(cls, per_gpu_batch, use_bn, inference, momentum, eps):
-        check_batch_options(cls.norm_name, per_gpu_batch, momentum, eps)
+        super()._check(per_gpu_batch, momentum, eps)
         check_bool(cls.norm_name, "use_bn", use_bn)
         check_choice(cls.norm_name, "inference", inference, INFERENCE_MODES)
         if use_bn and per_gpu_batch == 1:
@@ -138,6 +137,24 @@ class SwitchableNorm2d(NormLayer, nn.Module):
         self.mean_weight = nn.Parameter(torch.ones(3, **fk))  # the 6 control logits, equal thirds at init
         self.var_weight = nn.Parameter(torch.ones(3, **fk))
         self._stale_batch_average = False  # trained since the last reestimate_batch_average
+
+    @property
+    def normalizes_with_batch_statistics(self) -> bool:
+        return self.use_bn
+
+    @classmethod
+    def before_evaluation(cls, model: nn.Module, train_batches, settings: dict) -> bool:
+        """inference=batch_average: the BN part's statistics re-estimated from ``settings["reestimate_batches"]``
+        training batches before every evaluation (the SN paper's "batch average")."""
+        if settings.get("inference") != "batch_average":
+            return False
+        batches = (x for _, x in zip(range(settings["reestimate_batches"]), train_batches()))
+        reestimate_batch_average(model, batches)
+        return True
+
+    @classmethod
+    def recorded(cls, model: nn.Module) -> dict:
+        return {"sn_importance": switchable_importance(model)}
 
     def extra_repr(self) -> str:
         return (

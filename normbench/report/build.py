@@ -98,7 +98,7 @@ def build_report(
     markdown = report_markdown(layout, coll, imp, bn_eval, judged, results_dir, model_, data_, png_name, missing, notes)
     csv_text = csv_from_rows(csv_rows(layout, coll, imp, bn_eval))
     title = f"{experiment}" + (f": {model_} on {data_}" if pairs else ": no runs yet")
-    curves = training_curves(layout, coll) if layout.name == "gn_table1" else None
+    curves = training_curves(layout, coll) if layout.training_curves else None
     png = render_png(layout, coll, title, imp, curves)
 
     paths = (out_dir / f"{experiment}.md", out_dir / f"{experiment}.csv", out_dir / png_name)

@@ -86,7 +86,7 @@ class Judged:
 def load_claims(experiment: str, config_dir: Path | None = None) -> list[dict]:
     """The ``claims:`` list of configs/experiment/EXPERIMENT.yaml ([] when it has none)."""
     if config_dir is None:
-        from normbench.train import CONFIG_DIR as config_dir
+        from normbench.paths import CONFIG_DIR as config_dir
     path = Path(config_dir) / "experiment" / f"{experiment}.yaml"
     if not path.exists():
         return []

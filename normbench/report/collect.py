@@ -165,6 +165,49 @@ class Collection:
     superseded: list[Run]
 
 
+# The fields of result.json the report reads, with the types it can use (None: the field may be null or absent).
+# Metrics are read through _finite (a NaN or a string there is a missing number, not a crash).
+_INT, _STR, _DICT = (int,), (str,), (dict,)
+RESULT_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {  # field: (types, required)
+    "status": (_STR, True),
+    "model": (_STR, True),
+    "data": (_STR, True),
+    "norm": (_STR, True),
+    "gpus": (_INT, True),
+    "per_gpu_batch": (_INT, True),
+    "seed": (_INT, False),
+    "epochs": (_INT, False),
+    "epochs_completed": (_INT, False),
+    "run_id": (_STR, False),
+    "run_dir": (_STR, False),
+    "norm_options": (_DICT, False),
+    "config": (_DICT, False),
+    "git": (_DICT, False),
+    "top1_error_by_eval": (_DICT, False),
+    "sn_importance": (_DICT, False),
+}
+GIT_FIELDS = {"commit": _STR, "dirty": (bool,)}
+
+
+def damaged_field(data: dict) -> str | None:
+    """The first field whose value the report cannot use, as 'FIELD is VALUE (wants TYPE)', else None."""
+
+    def wrong(value, types) -> bool:
+        return isinstance(value, bool) and bool not in types or not isinstance(value, types)
+
+    for name, (types, required) in RESULT_FIELDS.items():
+        value = data.get(name)
+        if value is None and not required:
+            continue
+        if wrong(value, types):
+            return f"`{name}` is {json.dumps(value)[:40]} (wants {' or '.join(t.__name__ for t in types)})"
+    for name, types in GIT_FIELDS.items():
+        value = (data.get("git") or {}).get(name)
+        if value is not None and wrong(value, types):
+            return f"`git.{name}` is {json.dumps(value)[:40]} (wants {types[0].__name__})"
+    return None
+
+
 def load_runs(results_dir: Path, experiment: str, notes: list[str]) -> list[Run]:
     runs = []
     for path in sorted(results_dir.glob("**/result.json")):
@@ -176,6 +219,9 @@ def load_runs(results_dir: Path, experiment: str, notes: list[str]) -> list[Run]
             notes.append(f"Unreadable result file skipped: `{path}` ({type(exc).__name__}: {exc})")
             continue
         if data.get("experiment") != experiment:
+            continue
+        if problem := damaged_field(data):
+            notes.append(f"Damaged result file skipped: `{path}`: {problem}")
             continue
         runs.append(Run(path=path, data=data, mtime=path.stat().st_mtime))
     return runs

@@ -8,6 +8,8 @@ from .collect import (
 from .layouts import Layout
 
 NA = "–"
+# ImageNet's colour augmentation as fb.resnet.torch trains (normbench.data.colour; docs/papers.md section 2)
+OFFICIAL_COLOUR = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "lighting": 0.1}
 EVAL_LABELS = {"ema": "EMA statistics", "precise_bn": "PreciseBN", "batch_stats": "test-batch statistics"}
 
 
@@ -67,3 +69,35 @@ def trend_value(v, fmt: str, digits: int) -> str:
     if fmt == "text":
         return str(v)
     return num(v, digits, signed=(fmt == "signed"))
+
+
+def augmentation_label(data: dict) -> str | None:
+    """The training augmentation a run's recorded ``config["data"]`` says it used, in words; None when the run
+    recorded none. A colour key absent (a run from before it existed) is 0: it was not applied."""
+    augment = data.get("augment") if isinstance(data, dict) else None
+    if not isinstance(augment, dict):
+        return None
+    size = data.get("image_size", "")
+    if "min_scale" in augment:  # ImageNet's loader
+        parts = [f"random-resized crop {size} (area {augment['min_scale']:g}-1)"]
+    elif augment.get("rrc_scale"):
+        lo, hi = augment["rrc_scale"]
+        parts = [f"random-resized crop {size} (area {lo:g}-{hi:g})"]
+    elif augment.get("crop_padding"):
+        parts = [f"random {size}x{size} crop of the {augment['crop_padding']}-pixel zero-padded image"]
+    else:
+        parts = []
+    if augment.get("flip"):
+        parts.append("flip")
+    colour = {k: augment.get(k) or 0 for k in OFFICIAL_COLOUR}
+    jitter = [f"{k} {colour[k]:g}" for k in ("brightness", "contrast", "saturation") if colour[k]]
+    if jitter:
+        parts.append(f"colour jitter ({', '.join(jitter)}; in a random order)")
+    if colour["lighting"]:
+        parts.append(f"PCA lighting {colour['lighting']:g}")
+    text = " + ".join(parts) or "none"
+    if colour == OFFICIAL_COLOUR:
+        text += " (fb.resnet.torch's, as the official GN reproduction)"
+    elif "min_scale" in augment and not jitter and not colour["lighting"]:
+        text += " only: no colour jitter or lighting"
+    return text

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from normbench import papers
+from normbench.report import papers
 
 CellKey = tuple[str, str]  # (row key, column key)
 Values = dict[CellKey, float | None]
@@ -68,6 +68,8 @@ class Layout:
     # (large, small) per-GPU-batch columns between which BN's rise is measured under each evaluation mode
     # (result.json["top1_error_by_eval"]); None: the table has no BN-evaluation section.
     bn_eval: tuple[str, str] | None = None
+    # True: the figure also draws the training curves (GN Figure 4: loss and validation error per epoch)
+    training_curves: bool = False
 
     @property
     def row_keys(self) -> tuple[str, ...]:
@@ -176,6 +178,7 @@ def _t1_order(values: Values, cols):
 _T1 = papers.GN_TABLE1
 GN_TABLE1 = Layout(
     name="gn_table1",
+    training_curves=True,
     title="GN paper Table 1: BN / LN / IN / GN at 32 images per GPU (top-1 error %, lower is better)",
     metric="error",
     csv_metric="top1_error_median_last5",

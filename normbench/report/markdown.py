@@ -15,7 +15,7 @@ from .collect import (
     ImportanceCell,
     Stat,
 )
-from .formatting import EVAL_LABELS, NA, cell_text, md_table, num, paper_text, trend_value
+from .formatting import EVAL_LABELS, NA, augmentation_label, cell_text, md_table, num, paper_text, trend_value
 from .layouts import SN_PAPER_BN_SHARE, Layout
 
 FIGURE_RELATIVE = {  # the second panel: trends a reader can hold against the paper's despite the offset
@@ -87,6 +87,17 @@ def what_was_run(layout: Layout, coll: Collection, results_dir: Path, model, dat
             f"- Epochs: {ep or NA}"
             + (f"; preset: {', '.join(f'`{p}`' for p in sorted(map(str, presets)))}" if presets else "")
         )
+        augment = Counter(augmentation_label((r.data.get("config") or {}).get("data")) for r in placed)
+        augment.pop(None, None)  # runs that recorded no data config
+        if augment:
+            md.append(
+                "- Training augmentation: "
+                + "; ".join(
+                    f"{a}" + (f" ({k} run{'s' * (k != 1)})" if len(augment) > 1 else "")
+                    for a, k in sorted(augment.items())
+                )
+                + (" -- mixed: a cell never averages runs that differ in it" if len(augment) > 1 else "")
+            )
         gpus = sorted({r.data.get("gpus") for r in placed} - {None})
         totals = {r.data.get("gpus", 0) * r.data.get("per_gpu_batch", 0) for r in placed}
         if gpus and layout.name != "sn_table":  # the SN table has GPUs as an axis
@@ -171,15 +182,13 @@ def table_section(layout: Layout, coll: Collection) -> list[str]:
 
 def trend_section(layout: Layout, coll: Collection, model, data) -> list[str]:
     md = ["## Trend", ""]
-    if not coll.runs:
-        pass
-    elif str(data).lower().startswith("imagenet"):
+    if coll.runs and str(data).lower().startswith("imagenet"):
         md += [
             f"Run on `{data}`: absolute numbers are comparable with the paper (same data), "
             "within the limits of the recipe actually used.",
             "",
         ]
-    else:
+    elif coll.runs:
         md += [
             f"> **Small-scale reproduction** (`{model}` on `{data}`, not ResNet-50 on ImageNet): absolute numbers "
             "are not comparable with the paper's. The TREND is what is held against the paper.",
@@ -273,7 +282,7 @@ def figure_section(layout: Layout, imp, png_name: str) -> list[str]:
     else:
         md.append("Filled bars: reproduced mean ± std; hatched: paper.")
     md.append(FIGURE_RELATIVE[layout.figure])
-    if layout.name == "gn_table1":
+    if layout.training_curves:
         md.append(
             "Training curves (bottom): mean training loss per epoch and validation top-1 error after each "
             "epoch, mean over seeds (`metrics.jsonl`; per-epoch training error is not recorded, so training "

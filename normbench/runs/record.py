@@ -1,11 +1,5 @@
-"""A run's life on disk: identity, atomic files, the lock that keeps two sweeps off one run, and
-the status that says truthfully how far it got.
-
-A run's directory is named after a hash of its *identifying* config: everything that can change its numbers.
-Keys that only say where or how fast to run (results_dir, logging, data location, loader workers, fast-path
-switches whose effect is float error) are left out, so moving the data or turning on channels_last resumes the
-same run. The precision (`fast.amp`, resolved: a bf16 run is not an fp32 run) is part of the identity, and so
-is `data.decoder=gpu` (its pixels differ from PIL's by rounding; the default `pil` is left out of the hash).
+"""A run's record and state: the status result.json says truthfully, whether a run is finished (the one test
+the trainer and the sweeper share), force=true's "older than this command", and an attempt's clean start.
 
 Status (result.json `status`):
   completed    every epoch ran; the only status a report averages
@@ -14,198 +8,40 @@ Status (result.json `status`):
   interrupted  a signal (INTERRUPT_SIGNALS: Ctrl-C, SIGTERM, SIGHUP, SLURM's/submitit's SIGUSR2, ...) or SystemExit
                stopped it; the rerun, or the requeued job, resumes from the last finished epoch's checkpoint
 Only completed and diverged runs are skipped when their command is run again. An interrupt does not checkpoint
-mid-epoch: the work since the last epoch boundary is redone on resume (an epoch is at most minutes here; on
-ImageNet give SLURM's signal a delay of more than one checkpoint write, not of an epoch).
+mid-epoch: the work since the last epoch boundary is redone on resume.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normbench.interrupts import interruption_name
-from normbench.provenance import git_state
+from .files import read_json, set_aside, write_json
+from .identity import run_dir, run_id
+from .interrupts import interruption_name
+from .provenance import git_state
 
 log = logging.getLogger("normbench")
 
 STATUSES = ("completed", "diverged", "failed", "interrupted")
 FINAL_STATUSES = ("completed", "diverged")  # a result that needs no more training
 
-# Top-level keys, and dotted sub-keys, that never change what a run computes.
-# `experiment` is not identifying on disk (the directory already sits under it) but is part of the wandb id.
-NON_IDENTIFYING = (
-    "results_dir",
-    "logger",
-    "device",
-    "sweep",
-    "experiment",
-    "force",
-    "preset_name",
-    "claims",
-    "bn_eval",
-    "fast.channels_last",
-    "fast.compile",
-    "fast.cuda_graphs",
-    "fast.cudnn_benchmark",
-    "data.root",
-    "data.download",
-    "data.workers",
-    "data.eval_batch",
-)
+
+def is_finished(result) -> bool:
+    """A result that needs no more training: completed, or diverged (a result too)."""
+    return isinstance(result, dict) and result.get("status") in FINAL_STATUSES
 
 
-def identifying_config(config: dict) -> dict:
-    config = json.loads(json.dumps(config))  # deep copy of plain containers
-    for key in NON_IDENTIFYING:
-        node, *rest = key.split(".")
-        if not rest:
-            config.pop(node, None)
-        elif isinstance(config.get(node), dict):
-            config[node].pop(rest[0], None)
-    if config.get("fast") == {}:
-        config.pop("fast")
-    data = config.get("data")
-    if isinstance(data, dict) and data.get("decoder") == "pil":
-        # PIL decoding, the default: the path every ImageNet run took before data.decoder existed (same ids).
-        # data.decoder=gpu resamples (and, on CUDA, decodes) with different rounding: its own run.
-        data.pop("decoder")
-    return config
-
-
-def run_id(config: dict) -> str:
-    blob = json.dumps(identifying_config(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-def run_name(config: dict) -> str:
-    """Readable prefix plus hash: cifar_resnet20-fashion_mnist-gn-8x32-s0-1a2b3c4d5e."""
-    return "-".join(
-        [
-            config["model"]["id"],
-            config["data"]["name"],
-            config["norm"]["name"],
-            f"{config['gpus']}x{config['per_gpu_batch']}",
-            f"s{config['seed']}",
-            run_id(config),
-        ]
-    )
-
-
-def run_dir(config: dict) -> Path:
-    return Path(config["results_dir"]) / config["experiment"] / run_name(config)
-
-
-def wandb_id(config: dict) -> str:
-    """The dashboard id: the run hash within its experiment (the same BN run in two tables is two runs)."""
-    return f"{config['experiment']}-{run_id(config)}"[:64]
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-# ---- atomic writes: a reader (or a killed run) never sees half a file -------------------------------------
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda handle: handle.write(data))
-
-
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode())
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def save_torch(path: Path, obj: Any) -> None:
-    import torch
-
-    _atomic(path, lambda handle: torch.save(obj, handle))
-
-
-def read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl that parse; a line cut by a crash ends the list (one warning)."""
-    rows = []
-    try:
-        lines = Path(path).read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return rows
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s: line %d is damaged; kept the %d rows before it", path, number, len(rows))
-            break
-        if not isinstance(row, dict):
-            break
-        rows.append(row)
-    return rows
-
-
-def write_metrics(path: Path, rows: list[dict]) -> None:
-    """metrics.jsonl is rewritten whole (it is small) so a resumed run drops epochs past its checkpoint."""
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-class RunLock:
-    """Non-blocking exclusive lock on a run directory. The OS drops it when the holder dies (SIGKILL included),
-    so an interrupted run can be taken over by the next sweep, while a live one is never run twice."""
-
-    def __init__(self, directory: Path):
-        from filelock import FileLock
-
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(Path(directory) / ".lock"))
-
-    def acquire(self) -> bool:
-        from filelock import Timeout
-
-        try:
-            self._lock.acquire(timeout=0)
-            return True
-        except Timeout:
-            return False
-
-    def release(self) -> None:
-        self._lock.release()
-
-
-# ---- damaged files: moved aside, never a traceback -----------------------------------------------------------
-def set_aside(path: Path) -> Path:
-    """Move a damaged file to NAME.corrupt (the previous one of that name is replaced) and return the new path."""
-    target = Path(path).with_name(Path(path).name + ".corrupt")
-    os.replace(path, target)
-    return target
+def run_state(directory: Path) -> str:
+    """done (is_finished), partial (a checkpoint to resume from) or new; reads only, never moves a file."""
+    directory = Path(directory)
+    if is_finished(read_json(directory / "result.json")):
+        return "done"
+    return "partial" if (directory / "checkpoint.pt").exists() else "new"
 
 
 def read_result(directory: Path) -> dict | None:
@@ -227,7 +63,7 @@ def read_result(directory: Path) -> dict | None:
 def finished_result(directory: Path) -> dict | None:
     """The run's result if it needs no more training (completed, or diverged: a result too)."""
     result = read_result(directory)
-    return result if result and result["status"] in FINAL_STATUSES else None
+    return result if is_finished(result) else None
 
 
 def finished_on_main(directory: Path, d, device, quiet: bool = False) -> dict | None:
@@ -290,39 +126,12 @@ def result_record(
         "resumes": resumes,
         "requeues": requeue_count(),
         "wall_time_s": round(wall_time_s, 2),
-        "sn_importance": fields.pop("sn_importance"),
+        "sn_importance": fields.pop("sn_importance", None),  # SN only (NormSpec.recorded)
         "lr": fields.pop("lr"),
         **fields,
         "git": git_state(),
         "config": config,
     }
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "wall_time_s")
-
-
-def load_checkpoint(path: Path, map_location) -> dict | None:
-    """The checkpoint, or None if there is none or it cannot be read (truncated, empty, not ours): a damaged
-    one is moved aside to checkpoint.pt.corrupt with one warning and the run restarts from epoch 0."""
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        if not (isinstance(state, dict) and all(k in state for k in CHECKPOINT_KEYS)):
-            raise ValueError("missing keys")
-    except Exception as err:  # noqa: BLE001 -- any unreadable checkpoint is handled the same way
-        aside = set_aside(path)
-        log.warning(
-            "%s cannot be read (%s); moved to %s, the run restarts from epoch 0",
-            path,
-            " ".join(str(err).split())[:120] or type(err).__name__,
-            aside.name,
-        )
-        return None
-    return state
 
 
 # ---- force=true: results older than this sweep -----------------------------------------------------------
@@ -334,6 +143,8 @@ def mark_command_start() -> None:
     jobs and their requeues, which inherit the environment and never call this). Each command sets it afresh: a
     value inherited from an earlier command (a shell, a notebook, a test process) would make force=true skip
     results that command made."""
+    if os.environ.get("NORMBENCH_SWEEP_WORKER") and FORCE_SINCE_ENV in os.environ:
+        return  # a worker process of a sweep (normbench.sweep_workers): the sweep's start is its own
     os.environ[FORCE_SINCE_ENV] = repr(time.time())
 
 
@@ -409,6 +220,11 @@ def interruption_message(err: BaseException) -> str:
     name = interruption_name(err)
     if _recorded["status"] == "interrupted":
         return f"interrupted by {name}; the run is recorded as interrupted: rerun the same command to resume it"
+    if _recorded["status"] is not None:  # the signal came as the command wound down, after the run's record
+        return (
+            f"interrupted by {name} after the run was recorded as {_recorded['status']} (its result.json is whole); "
+            "a rerun trains only what is not finished"
+        )
     return f"interrupted by {name} before the run recorded anything (no result.json): rerun the same command"
 
 

@@ -9,7 +9,9 @@ per-GPU BN statistics). Conventions:
 * Every table carries ``source`` (where the numbers come from) and ``caveat`` (how far to trust them);
   per-cell caveats live in ``notes`` / ``single_sourced``.
 
-Nothing here is computed; derived rows (e.g. BN - GN) are computed by the report from these values.
+Nothing here is computed; derived rows (e.g. BN - GN) are computed by the report from these values. The
+other published figures (ResNet-101, Batch Renorm, WS, FRN, EvoNorm, CIFAR) live in docs/papers.md only: no
+table of the report is held against them yet.
 """
 
 from __future__ import annotations
@@ -71,15 +73,6 @@ GN_TABLE3_CHANNELS = {
     "the best cell (16) and the ends (64, 1) are stated in the paper's text.",
 }
 
-GN_OTHER = {
-    "resnet101": {"bn": {32: 22.0, 2: 31.9}, "gn": {32: 22.4, 2: 23.0}},  # top-1 error %, by images/GPU
-    "batch_renorm_4_per_gpu": {"brn": 26.3, "bn": 27.3, "gn": 24.2, "rmax": 1.5, "dmax": 0.5},
-    "official_r50_gn_reproductions": {"tf": (24.0, 24.0, 24.1), "pytorch_range": (24.1, 24.3)},
-    "metric": "top1_error",
-    "source": GN_PAPER + " (text) and the official reproductions",
-    "caveat": "PyTorch reproduction uses torchvision-style augmentation.",
-}
-
 # --- SN paper -------------------------------------------------------------------------------------
 
 SN_SETTINGS = ((8, 32), (8, 16), (8, 8), (8, 4), (8, 2), (1, 16), (1, 32), (8, 1), (1, 8))
@@ -132,56 +125,4 @@ SN_IMPORTANCE_BN_SHARE = {
     "values": {(8, 32): 0.58, (8, 2): 0.15, (8, 1): 0.0},
     "source": SN_PAPER + ", importance-weight figure",
     "caveat": "Read off a chart (approximate); one BN share, not split into mean and variance weights.",
-}
-
-SN_OTHER = {
-    "in_ln_at_8x32": {"in": 71.6, "ln": 74.7},  # top-1 accuracy %
-    "brn_at_8x4": 73.7,
-    "sparse_sn": {(8, 32): 77.2, (8, 16): 77.0, (8, 8): 76.8, (8, 4): 76.1, (8, 2): 75.9},
-    "metric": "top1_accuracy",
-    "source": SN_PAPER + "; Sparse SN: Shao et al., CVPR 2019",
-    "caveat": "Stated in the papers' text/tables.",
-}
-
-# --- Other published references -------------------------------------------------------------------
-
-OTHER_REFERENCES = {
-    "ws": {
-        "values": {"resnet50_gn_ws_error": 23.72, "resnet101_gn_ws_error": 22.10},
-        "metric": "top1_error",
-        "source": "Qiao et al., Weight Standardization (arXiv 1903.10520)",
-        "caveat": "GN + WS; batch-independent.",
-    },
-    "frn": {
-        "values": {"paper_recipe": {"frn": 22.8, "bn": 23.8}, "gn_recipe": {"frn": 24.0, "bn": 23.6}},
-        "metric": "top1_error",
-        "source": "Singh & Krishnan, Filter Response Normalization, CVPR 2020",
-        "caveat": "ResNet-50; the two recipes differ.",
-    },
-    "evonorm": {
-        "values": {"s0_all_batches": 77.4, "bn_at_4_per_worker": 70.7},
-        "metric": "top1_accuracy",
-        "source": "Liu et al., Evolving Normalization-Activation Layers, NeurIPS 2020",
-        "caveat": "Read off a chart (approximate); EvoNorm-S0 flat from 128 to 4 images per worker.",
-    },
-    "cifar": {
-        "values": {
-            "resnet110_gn8_error": 7.3,
-            "resnet110_gn_minus_bn_error": 1.3,
-            "resnet20_bn_acc": {128: 93.0, 32: 91.2},
-            "resnet20_frn_acc": {128: 92.3, 32: 92.3},
-        },
-        "metric": "mixed (keys say error or acc)",
-        "source": "CIFAR-10 figures as collected in docs/papers.md (ResNet-110 GN; ResNet-20 BN vs FRN)",
-        "caveat": "Secondary collection; the GN minus BN gap is approximate (~1.3 points).",
-    },
-}
-
-PAPERS = {
-    "gn_table1": GN_TABLE1,
-    "gn_table2": GN_TABLE2,
-    "gn_groups": GN_TABLE3_GROUPS,
-    "gn_channels_per_group": GN_TABLE3_CHANNELS,
-    "sn_table": SN_TABLE,
-    "sn_importance": SN_IMPORTANCE_BN_SHARE,
 }

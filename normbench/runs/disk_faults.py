@@ -16,20 +16,34 @@ class RunEnvironmentError(RuntimeError):
     """Something outside the config stops the run (disk full, a read-only directory); one line with the fix."""
 
 
+PROBE_BYTES = 16 * 1024  # a few of the small files a run writes before its first checkpoint
+
+
 def check_writable(directory: Path, setting: str = "results_dir") -> None:
     """Fail before anything is built if `directory` cannot be created or written (Hydra's own output directory
-    lives under it too)."""
+    lives under it too). The probe writes and syncs PROBE_BYTES: an empty file still fits on a full disk."""
     directory = Path(directory)
+    probe = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(b"\0" * PROBE_BYTES)
+            handle.flush()
+            os.fsync(handle.fileno())
     except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunEnvironmentError(
+                f"disk full in {directory} ({err.strerror}); free space on that file system or set {setting}= "
+                "to another one"
+            ) from None
         raise RunEnvironmentError(
             f"{setting}={directory} is not writable ({err.strerror or err}); choose a writable directory with "
             f"{setting}=DIR"
         ) from None
+    finally:
+        if probe is not None:
+            Path(probe).unlink(missing_ok=True)
 
 
 def environment_cause(err: BaseException) -> OSError | None:

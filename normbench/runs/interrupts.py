@@ -57,13 +57,15 @@ def interrupts_raise():
     handlers, so a second Ctrl-C stops at once (the files on disk stay consistent: every write is atomic)."""
     installed: dict[int, Any] = {}
 
-    def restore() -> None:
-        for signum, previous in installed.items():  # to the default, so a second signal stops at once
-            signal.signal(signum, _before_start.get(signum, previous) if previous is _raise_interrupted else previous)
+    def restore(*, to_default: bool) -> None:
+        for signum, previous in installed.items():
+            if to_default and previous is _raise_interrupted:  # after a first signal: a second one stops at once
+                previous = _before_start.get(signum, previous)
+            signal.signal(signum, previous)
         installed.clear()
 
     def handler(signum, frame):
-        restore()
+        restore(to_default=True)
         if _deferred["depth"]:  # inside recording_epoch(): raised once the epoch's record is whole
             _deferred["pending"] = signum
             return
@@ -76,7 +78,9 @@ def interrupts_raise():
     try:
         yield
     finally:
-        restore()
+        # back to the start-up handler, not the default: a signal while the command winds down (the report line,
+        # the dashboard's last sync, Hydra's teardown) still gives one true line, never a silent death
+        restore(to_default=False)
 
 
 _deferred: dict[str, Any] = {"depth": 0, "pending": None}
