@@ -209,13 +209,15 @@ class _EvoS0(torch.autograd.Function):
         w, b, vv = (p.to(xf.dtype).view(1, C, 1, 1) for p in (weight, bias, v))
         x5 = xf.view(N, groups, C // groups, H, W)  # a view in NCHW and channels_last alike
         mean_g = x5.mean((2, 3, 4), keepdim=True)
-        d = x5 - mean_g  # the centered x: squared norm for the variance, then y's buffer
+        # the centered x: squared norm for the variance, then y's buffer; y is this base tensor, not a view of
+        # one (autograd forbids an in-place op, like the next ReLU, on a view made inside a Function)
+        y = torch.empty_like(xf)
+        d = torch.sub(x5, mean_g, out=y.view(N, groups, C // groups, H, W))
         rows = d.view(N, groups, -1) if d.is_contiguous() else d
         sq = torch.linalg.vector_norm(rows, dim=-1 if d.is_contiguous() else (2, 3, 4)).square_()
         mean_g, var_g = mean_g.view(N, groups, 1), sq.view(N, groups, 1) / (xf.numel() // (N * groups))
         inv_std = torch.rsqrt(var_g + eps)
         scale = _per_channel(inv_std, C) * w  # a
-        y = d.view(N, C, H, W)
         torch.mul(xf, vv, out=y).sigmoid_().mul_(xf).mul_(scale).add_(b)
         ctx.save_for_backward(xf, weight, v, mean_g, inv_std)
         ctx.x_dtype = x.dtype
