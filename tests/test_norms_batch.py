@@ -264,8 +264,9 @@ def test_brn_schedule_driven_by_step_buffer():
 # ---------------------------------------------------------------- EvoNorm-B0
 
 
-def ref_evonorm_b0(x, w, b, v, n, running_var=None, eps=1e-5):
-    ys = []
+def ref_evonorm_b0(x, w, b, v, n, running_var=None, eps=1e-5, sides=False):
+    """y; with ``sides`` also where the max takes its instance side (v x + sqrt(var_I + eps) > sqrt(var_B + eps))."""
+    ys, right_side = [], []
     for c in gpu_chunks(x, n):
         if running_var is None:
             M = c.shape[0] * c.shape[2] * c.shape[3]
@@ -276,9 +277,10 @@ def ref_evonorm_b0(x, w, b, v, n, running_var=None, eps=1e-5):
         HW = c.shape[2] * c.shape[3]
         mI = c.sum(dim=(2, 3), keepdim=True) / HW
         vI = ((c - mI) ** 2).sum(dim=(2, 3), keepdim=True) / HW
-        den = torch.maximum(torch.sqrt(vB + eps), v.view(1, -1, 1, 1) * c + torch.sqrt(vI + eps))
-        ys.append(c / den * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
-    return from_gpu_chunks(ys)
+        left, right = torch.sqrt(vB + eps), v.view(1, -1, 1, 1) * c + torch.sqrt(vI + eps)
+        ys.append(c / torch.maximum(left, right) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
+        right_side.append((right > left).detach())
+    return (from_gpu_chunks(ys), from_gpu_chunks(right_side)) if sides else from_gpu_chunks(ys)
 
 
 @pytest.mark.parametrize("shape,n", [((4, 3, 6, 5), 2), ((6, 5, 3, 7), None), ((4, 3, 1, 1), 2)])
@@ -305,6 +307,56 @@ def test_evonorm_b0_gradcheck():
     layer = set_affine(build_norm("evonorm_b0", 3, per_gpu_batch=2).double())
     x = rand(4, 3, 3, 2).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "shape,n,channels_last",
+    [((4, 3, 6, 5), 2, False), ((6, 5, 3, 7), None, False), ((4, 3, 6, 5), 2, True), ((4, 3, 1, 1), 2, False)],
+)
+def test_evonorm_b0_gradients_vs_formula(shape, n, channels_last, training):
+    """The hand-written backward: x, gamma, beta and v gradients against autograd of the float64 formula, with
+    both sides of the max taken (v spread around 0, x offset), in training (paths through the per-GPU batch
+    variance and the instance variance) and in evaluation (running variance: a constant)."""
+    C = shape[1]
+    layer = set_affine(build_norm("evonorm_b0", C, per_gpu_batch=n, momentum=0.0).double()).train(training)
+    with torch.no_grad():
+        layer.v.copy_(rand(C, seed=7))
+        layer.running_var.copy_(rand(C, seed=5).abs() + 0.5)
+    x = rand(*shape) * 2.0 + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    ps = leaf_copies(layer, ["weight", "bias", "v"])
+    running = None if training else layer.running_var.clone()
+    batch = (n or shape[0]) if training else shape[0]
+    ref, right_side = ref_evonorm_b0(xr, ps["weight"], ps["bias"], ps["v"], batch, running, sides=True)
+    assert right_side.any() and (~right_side).any()  # both sides of the max are taken
+    y = layer(x)
+    torch.testing.assert_close(y, ref)
+    gy = rand(*shape, seed=12)
+    y.backward(gy)
+    ref.backward(gy)
+    assert_grads_match(layer, x, xr, ps)
+
+
+def test_evonorm_b0_gradcheck_parameters():
+    """gradcheck (float64 finite differences) of x, gamma, beta and v together, training and evaluation."""
+    layer = set_affine(build_norm("evonorm_b0", 3, per_gpu_batch=2, momentum=0.0).double())
+    with torch.no_grad():
+        layer.v.copy_(rand(3, seed=7))
+    buffers = dict(layer.named_buffers())
+    x = (rand(4, 3, 3, 2) * 2.0 + 0.5).requires_grad_()
+    params = [layer.weight, layer.bias, layer.v]
+    params = [p.detach().clone().requires_grad_() for p in params]
+
+    def f(x, w, b, v):
+        return torch.func.functional_call(layer, {"weight": w, "bias": b, "v": v, **buffers}, (x,))
+
+    for training in (True, False):
+        layer.train(training)
+        assert torch.autograd.gradcheck(f, (x, *params)), training
 
 
 @pytest.mark.parametrize(

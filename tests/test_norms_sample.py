@@ -134,6 +134,45 @@ def test_evonorm_s0_vs_formula(shape):
         torch.testing.assert_close(layer(x), ref.detach())
 
 
+def ref_evonorm_s0(x, w, b, v, G, eps=1e-5):
+    N, C, H, W = x.shape
+    xg = x.reshape(N, G, -1)
+    var = ((xg - xg.sum(-1, keepdim=True) / xg.shape[-1]) ** 2).sum(-1, keepdim=True) / xg.shape[-1]
+    std = torch.sqrt(var + eps).expand(N, G, C // G * H * W).reshape(N, C, H, W)
+    col = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    return x * torch.sigmoid(col(v) * x) / std * col(w) + col(b)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_evonorm_s0_gradients_vs_formula(shape, channels_last):
+    """The hand-written backward: x, gamma, beta and v gradients against autograd of the float64 formula (an
+    offset input, so the group mean's path matters), and a float64 gradcheck of all four together."""
+    C = shape[1]
+    layer = set_affine(build_norm("evonorm_s0", C, groups=2).double())
+    with torch.no_grad():
+        layer.v.copy_(rand(C, seed=4))
+    x = rand(*shape) * 2.0 + 1.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    ps = leaf_copies(layer, ["weight", "bias", "v"])
+    ref = ref_evonorm_s0(xr, ps["weight"], ps["bias"], ps["v"], 2)
+    y = layer(x)
+    torch.testing.assert_close(y, ref)
+    gy = rand(*shape, seed=12)
+    y.backward(gy)
+    ref.backward(gy)
+    assert_grads_match(layer, x, xr, ps)
+    params = [p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias, layer.v)]
+
+    def f(x, w, b, v):
+        return torch.func.functional_call(layer, {"weight": w, "bias": b, "v": v}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x.detach().requires_grad_(), *params))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("learnable", [False, True])
 def test_frn_vs_formula(shape, learnable):

@@ -32,13 +32,20 @@ __all__ = ["PositionalNorm", "MomentShortcut", "DynamicMomentShortcut"]
 
 
 def _channel_dot(t: Tensor, w: Tensor | None) -> Tensor:
-    """sum_c w_c t[:, c] (w None: plain sum) as (N, 1, H, W); a batched gemv when t is NCHW-contiguous."""
+    """sum_c w_c t[:, c] (w None: plain sum) as (N, 1, H, W); a batched gemv when t is NCHW-contiguous (``bmm``
+    with the weights as a stride-0 batch: ``torch.matmul(w, t)`` copied t into a transposed layout first)."""
     N, C, H, W = t.shape
     if w is None:
         return t.sum(1, keepdim=True)
     if t.is_contiguous():
-        return torch.matmul(w.to(t.dtype), t.view(N, C, H * W)).view(N, 1, H, W)
+        return torch.bmm(w.to(t.dtype).view(1, 1, C).expand(N, 1, C), t.view(N, C, H * W)).view(N, 1, H, W)
     return (t * w.view(1, C, 1, 1)).sum(1, keepdim=True)
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Per-channel sum of an (N, C, H, W) tensor: the contiguous (H, W) rows first (one reduction over (0, 2, 3)
+    ran 2-3x slower on the CPU here)."""
+    return t.sum((2, 3)).sum(0)
 
 
 class _Pono(torch.autograd.Function):
@@ -79,15 +86,17 @@ class _Pono(torch.autograd.Function):
         s2 = _channel_dot(t, weight)
         s1 = _channel_dot(g, weight)
         if weight is not None:
-            g_w, g_b = t.sum((0, 2, 3)), g.sum((0, 2, 3))
-            g = torch.mul(g, weight.view(1, C, 1, 1), out=t)  # g_xhat, in t's buffer
+            g_w, g_b = _channel_sum(t), _channel_sum(g)
+            grad_x = torch.mul(g, weight.view(1, C, 1, 1), out=t).mul_(inv)  # g_xhat / std, in t's buffer
+        else:
+            grad_x = torch.mul(g, inv, out=t)
         p_coef = -s2 * inv
         q_coef = -s1 * inv
         if g_std is not None:
             p_coef += g_std.to(xhat.dtype)
         if g_mean is not None:
             q_coef += g_mean.to(xhat.dtype)
-        grad_x = torch.mul(xhat, p_coef.div_(C - 1)).add_(q_coef.div_(C)).addcmul_(g, inv)
+        grad_x.addcmul_(xhat, p_coef.div_(C - 1)).add_(q_coef.div_(C))  # in place: no second large allocation
         return grad_x.to(ctx.x_dtype), g_w, g_b, None
 
 
