@@ -7,7 +7,8 @@ Every round times every row once, in a fresh shuffled order, so a ratio compares
 the noise of a shared machine (other tenants, page faults of fresh 100 MB tensors) hits both alike.
 
 Rows with a target: ``gn`` vs calling ``F.group_norm`` directly (<= 1.1), ``bn`` with 8 emulated GPUs vs plain
-BN (<= 1.2; the default and both per-GPU implementations are timed), ``sn`` vs BN (<= 2).
+BN (<= 1.2; the default and both per-GPU implementations are timed), ``sn``, ``pono`` and ``evonorm_b0/s0``
+vs BN (<= 2).
 
     python scripts/bench_norms.py                 # ResNet-50 shapes 32x256x56x56, 32x1024x14x14; cpu (+cuda)
     python scripts/bench_norms.py --small         # 32x64x56x56, 32x256x14x14: a couple of minutes on 2 cores
@@ -104,16 +105,16 @@ def rows_for(N: int, C: int):
         rows += [(f"sn per_gpu_batch={n}", layer("sn", per_gpu_batch=n), "BN (nn.BatchNorm2d)", 2.0)]
     rows += [
         ("sn use_bn=false", layer("sn", use_bn=False), "BN (nn.BatchNorm2d)", None),
-        ("pono", layer("pono"), "BN (nn.BatchNorm2d)", None),
+        ("pono", layer("pono"), "BN (nn.BatchNorm2d)", 2.0),
         ("brn" + (f" per_gpu_batch={n}" if n else ""), layer("brn", per_gpu_batch=n), "BN (nn.BatchNorm2d)", None),
         ("frn", layer("frn"), "BN (nn.BatchNorm2d)", None),
         (
             "evonorm_b0" + (f" per_gpu_batch={n}" if n else ""),
             layer("evonorm_b0", per_gpu_batch=n),
             "BN (nn.BatchNorm2d)",
-            None,
+            2.0,
         ),
-        (f"evonorm_s0 groups={gn_groups}", layer("evonorm_s0", groups=gn_groups), "BN (nn.BatchNorm2d)", None),
+        (f"evonorm_s0 groups={gn_groups}", layer("evonorm_s0", groups=gn_groups), "BN (nn.BatchNorm2d)", 2.0),
     ]
     return rows
 
