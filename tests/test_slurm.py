@@ -266,8 +266,8 @@ def test_a_run_past_its_time_limit_is_requeued_and_resumed_to_the_uninterrupted_
     log = next((tmp_path / "slurm").glob(f".hydra/*/.submitit/{job}/{job}_0_log.err")).read_text()
     assert "Caught signal SIGUSR2" in log and "timed-out" in log  # SLURM's time-limit signal, not a crash
     # the signal waited for its step to end and got a step checkpoint: the requeued job resumed inside the epoch
-    out = "".join(p.read_text() for p in (tmp_path / "slurm").glob(f".hydra/*/.submitit/{job}/*_log.out"))
-    assert re.search(r"resume \S+ from epoch \d+ step \d+ of \d+ \(checkpoint written", out), out[-3000:]
+    job_out = "".join(p.read_text() for p in (tmp_path / "slurm").glob(f".hydra/*/.submitit/{job}/*_log.out"))
+    assert re.search(r"resume \S+ from epoch \d+ step \d+ of \d+ \(checkpoint written", job_out), job_out[-3000:]
 
     assert summary(out)["resumed"] == 1
     assert ("interrupted", "SystemExit") in statuses, statuses  # submitit's requeue handler ends the job
