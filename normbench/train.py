@@ -252,8 +252,8 @@ def _run(ctx: RunContext) -> dict:
                         state = checkpoint_state(epoch + 1)
                         state["history"].append(row)
                         size = save_checkpoint(state)
-                        log.debug("checkpoint: epoch %d (%.1f MB in %.2fs)", epoch + 1, size / 1e6,
-                                  time.perf_counter() - saving)  # fmt: skip
+                        log.info("checkpoint: epoch %d (%.1f MB in %.2fs)", epoch + 1, size / 1e6,
+                                 time.perf_counter() - saving)  # fmt: skip
                     history.append(row)  # only once its checkpoint is on disk: a failed write does not count it
                     step_checkpoints.epoch_checkpoint_written()
                     if d.is_main:
