@@ -158,7 +158,7 @@ def test_bench_norms_smoke_prints_one_table_with_targets():
     rows = {line.split("  ")[0]: line for line in lines[3:]}
     assert any(k.startswith("bn per_gpu_batch=2 (8 GPUs, default impl)") for k in rows)
     targets = [line for line in lines if "<= " in line]
-    assert len(targets) == 4  # gn vs F.group_norm, per-GPU bn, sn, sn per-GPU
+    assert len(targets) == 7  # gn vs F.group_norm, per-GPU bn, sn, sn per-GPU, pono, evonorm_b0, evonorm_s0
     for line in lines[3:]:
         if "(vs " in line:
             assert float(line.split("x ")[0].split()[-1]) > 0, line
