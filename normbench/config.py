@@ -138,6 +138,8 @@ RULES: dict[str, Rule] = {
     "logger.wandb.project": TEXT,
     "logger.progress": BOOL,
     "logger.check_every": integer(1, example="50"),
+    "logger.every_steps": integer(1, example="50"),
+    "logger.tensorboard": BOOL,
     "sweep.grid": LIST,
     "sweep.seeds": Rule(lambda v: isinstance(v, list) and all(map(SEED.check, v)), "a list of seeds", "[0,1,2]"),
     "sweep.allowed": MAPPING,

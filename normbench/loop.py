@@ -49,6 +49,8 @@ class Loop:
     cuda_graphs: bool = False
     compile_pending: bool = False  # the next step compiles: timed and logged once, then cleared
     step_checkpoints: StepCheckpoints | None = None  # checkpoint.every_minutes > 0: written between steps
+    every_steps: int = 50  # logger.every_steps: per-step curves (log_steps) this often
+    log_steps: Callable[[dict, int], None] | None = None  # (scalars, global step) -> dashboards; None: off
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
@@ -76,6 +78,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resu
     if checkpoints:
         checkpoints.epoch_started(epoch, start_step)
     bar = progress(loader, steps - start_step, f"epoch {epoch + 1}/{loop.epochs}", loop.show_progress)
+    # the per-step curves' last point: (step, loss sum, time); the loss is read once per logger.every_steps
+    logged = (start_step, loss_sum.item() if loop.log_steps and start_step else 0.0, start)
     with interrupts.holding_to_step_end() if checkpoints else contextlib.nullcontext():
         for step, (images, labels) in enumerate(bar, start=start_step):
             if loop.channels_last:
@@ -112,6 +116,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resu
                             "img/s": f"{done * images_per_step / (time.perf_counter() - start - compile_s):.0f}",
                         }
                     )
+            if loop.log_steps and (step + 1) % loop.every_steps == 0:  # one wait for the device per interval
+                now, total = time.perf_counter(), loss_sum.item()
+                done = step + 1 - logged[0]
+                scalars = {"step/train_loss": (total - logged[1]) / done, "step/lr": optimizer.param_groups[0]["lr"]}
+                if not (compile_s and logged[0] == start_step):  # an interval with the compiling step has no rate
+                    scalars["step/images_per_s"] = done * images_per_step / (now - logged[2])
+                loop.log_steps(scalars, epoch * steps + step + 1)
+                logged = (step + 1, total, now)
             if checkpoints:  # a step boundary: the time, or a waiting signal, may call for a step checkpoint
                 checkpoints.after_step(epoch, step + 1, steps, at_check, partial)
     seconds = time.perf_counter() - start

@@ -214,6 +214,7 @@ def _run(ctx: RunContext) -> dict:
         images_per_step=ctx.geometry.images_per_step,
         epochs=epochs,
         check_every=config["logger"]["check_every"],
+        every_steps=config["logger"]["every_steps"],
         forward_loss=forward_loss,
         eval_forward=eval_forward,
         cuda_graphs=fast["cuda_graphs"],
@@ -224,8 +225,16 @@ def _run(ctx: RunContext) -> dict:
     run, by_eval = runs.Outcome(outcome), None
     with (
         interrupts.interrupts_raise(),
-        Tracker(config, directory, directory.name, runs.wandb_id(config), enabled=d.is_main) as tracker,
+        Tracker(
+            config,
+            directory,
+            directory.name,
+            runs.wandb_id(config),
+            enabled=d.is_main,
+            resume_step=start_epoch * len(data.train) + start_step,
+        ) as tracker,
     ):
+        loop.log_steps = tracker.log if d.is_main else None  # fmt: skip
         try:
             for epoch in range(start_epoch, epochs):
                 resume, resume_partial = resume_partial, None
@@ -247,7 +256,7 @@ def _run(ctx: RunContext) -> dict:
                         row["epoch_time_s"],
                     )
                     if d.is_main:
-                        tracker.log(row, step=epoch + 1)
+                        tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=(epoch + 1) * len(data.train))
                         saving = time.perf_counter()
                         state = checkpoint_state(epoch + 1)
                         state["history"].append(row)
