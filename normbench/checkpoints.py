@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 from collections.abc import Callable
 
@@ -32,7 +33,7 @@ COST_WARNING_FRACTION = 0.05  # a checkpoint that takes more of its interval tha
 def random_states() -> dict:
     """Every random generator a step could read: torch CPU (and CUDA), numpy, Python; stored in tensors and plain
     containers, so that the checkpoint still loads with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {
@@ -79,10 +80,7 @@ def gather_rank_states(mine: dict, d: distributed.Dist) -> list[dict] | None:
 
 def restore_rank_state(model: torch.nn.Module, state: dict, device) -> dict:
     """Load this rank's buffers and random states; returns its partial metrics, tensors on ``device``."""
-    buffers = dict(model.named_buffers())
-    with torch.no_grad():
-        for name, value in state["buffers"].items():
-            buffers[name].copy_(value)
+    model.load_state_dict(state["buffers"], strict=False)  # buffers only: the parameters came with the model's
     set_random_states(state["random"])
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in state["partial"].items()}
 
@@ -119,7 +117,7 @@ class StepCheckpoints:
                 return
             agreed = torch.tensor([float(signum or 0), float(due)], device=self.device)
             torch_dist.all_reduce(agreed, op=torch_dist.ReduceOp.MAX)
-            signal_anywhere, due = int(agreed[0].item()), bool(agreed[1].item())
+            signal_anywhere, due = (int(v) for v in agreed.tolist())  # one read of the device
             if signal_anywhere and signum is None:  # torchrun signals every rank, not at the same step
                 signum = signal_anywhere
         if not (signum or due):
@@ -136,7 +134,7 @@ class StepCheckpoints:
                 steps,
                 size / 1e6,
                 seconds,
-                f", for {signal_name(signum)}" if signum else "",
+                f", for {signal.Signals(signum).name}" if signum else "",
             )
             if not self.warned and seconds > COST_WARNING_FRACTION * self.interval_s:
                 self.warned = True
@@ -152,12 +150,6 @@ class StepCheckpoints:
         if interrupts.held_signal() is None:  # another rank's signal: every rank stops at this step
             raise interrupts.Interrupted(signum)
         interrupts.deliver_held()
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
 
 
 def written_at(timestamp: float) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -103,21 +104,24 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resu
                     torch.cuda.synchronize(device)
                 compile_s = time.perf_counter() - compile_start
                 log.info("torch.compile: the first training step took %.1fs (compiling)", compile_s)
-            # Check for divergence only every so often: each check waits for the device.
+            # The loss sum is read from the device only every so often (each read waits for it), and once:
+            # the divergence check, the progress bar and the dashboards' curves share that one read.
             at_check = (step + 1) % loop.check_every == 0 or step + 1 == steps
+            at_log = loop.log_steps is not None and (step + 1) % loop.every_steps == 0
+            total = loss_sum.item() if at_check or at_log else None
             if at_check:
-                if distributed.broadcast_flag(not torch.isfinite(loss_sum).item(), d, device):
+                if distributed.broadcast_flag(not math.isfinite(total), d, device):
                     raise Diverged(epoch + 1)
                 if bar is not loader:
                     done = step + 1 - start_step
                     bar.set_postfix(
                         {
-                            "loss": f"{loss_sum.item() / (step + 1):.3f}",
+                            "loss": f"{total / (step + 1):.3f}",
                             "img/s": f"{done * images_per_step / (time.perf_counter() - start - compile_s):.0f}",
                         }
                     )
-            if loop.log_steps and (step + 1) % loop.every_steps == 0:  # one wait for the device per interval
-                now, total = time.perf_counter(), loss_sum.item()
+            if at_log:
+                now = time.perf_counter()
                 done = step + 1 - logged[0]
                 scalars = {"step/train_loss": (total - logged[1]) / done, "step/lr": optimizer.param_groups[0]["lr"]}
                 if not (compile_s and logged[0] == start_step):  # an interval with the compiling step has no rate

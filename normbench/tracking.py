@@ -11,6 +11,8 @@ import logging
 import math
 from pathlib import Path
 
+from normbench.config import leaves
+
 log = logging.getLogger("normbench")
 
 
@@ -94,7 +96,7 @@ class Tracker:
             self.run.summary.update(values)
         if self.tensorboard is not None:
             metrics = {
-                f"final/{k}": v for k, v in _flat(values).items() if isinstance(v, (int, float)) and math.isfinite(v)
+                f"final/{k}": v for k, v in leaves(values).items() if isinstance(v, (int, float)) and math.isfinite(v)
             }
             try:  # run_name=".": the HParams record lands in the run's own event directory, not a sub-run
                 self.tensorboard.add_hparams(self.hparams, metrics, run_name=".")
@@ -130,19 +132,9 @@ HPARAM_KEYS = ("experiment", "norm.name", "per_gpu_batch", "gpus", "seed", "mode
 def hparams_of(config: dict) -> dict:
     """The settings that tell a sweep's runs apart, as TensorBoard's HParams columns (plain numbers and text);
     the norm's own options (groups, ...) as ``norm.<key>``."""
-    flat = _flat(config)
+    flat = leaves(config)
     hparams = {key: flat[key] for key in HPARAM_KEYS if key in flat}
     for key, value in flat.items():
         if key.startswith("norm.") and key not in hparams:
             hparams[key] = value
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items() if v is not None}
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -5,16 +5,14 @@ resumed run whose curves hold every step once."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, cli
+from conftest import TINY, cli, start_train
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -68,13 +66,7 @@ def test_a_resumed_run_continues_the_curves_with_every_step_once(tmp_path):
         "checkpoint.every_minutes=0",
         f"results_dir={tmp_path}",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "normbench.cli", "train", *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
-    )
+    proc = start_train(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not any(p.read_text().strip() for p in tmp_path.rglob("metrics.jsonl")) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before its first epoch was recorded"

@@ -24,7 +24,7 @@ from PIL import Image
 from normbench import checkpoints
 from normbench.runs import interrupts
 
-from conftest import REPO, TINY, cli, torchrun
+from conftest import TINY, cli, start_train, torchrun
 
 # 2 epochs of 128 steps (4 GPUs x 8 images): about a second each, long enough to stop inside one
 SYNTHETIC = [*TINY, "data.num_train=4096", "data.augment.crop_padding=2", "data.augment.flip=true"]
@@ -33,15 +33,9 @@ NEVER = "checkpoint.every_minutes=0"
 
 
 def _start(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
-    command = launcher or [sys.executable, "-m", "normbench.cli"]
-    return subprocess.Popen(
-        [*command, "train", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: a signal reaches every process of it, as from a terminal
-        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+    # its own process group: a signal reaches every process of it (torchrun's workers too), as from a terminal
+    return start_train(
+        *args, launcher=launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
 
 

@@ -71,6 +71,7 @@ def interrupts_raise():
             return
         raise Interrupted(signum)
 
+    handler.defers_in_holds = True
     if threading.current_thread() is threading.main_thread():
         for signum in INTERRUPT_SIGNALS:
             if signal.getsignal(signum) in (*_AT_DEFAULT, _raise_interrupted):
@@ -149,8 +150,8 @@ def holding_to_step_end():
         for signum in INTERRUPT_SIGNALS:
             current = signal.getsignal(signum)
             if callable(current) and current is not _raise_interrupted and current is not signal.default_int_handler:
-                if getattr(current, "__qualname__", "").startswith("interrupts_raise."):
-                    continue  # ours: it defers by itself while the hold is active
+                if getattr(current, "defers_in_holds", False):
+                    continue  # interrupts_raise's: it defers by itself while the hold is active
                 wrapped[signum] = current
                 signal.signal(signum, holder_for(current))
     try:
