@@ -16,14 +16,20 @@ def _report(args: list[str]) -> int:
     from normbench.report import build_report
 
     options = {"experiment": None, "results_dir": "results/runs", "out_dir": None, "model": None, "data": None}
+    options |= {"wandb": "disabled", "tensorboard": "auto"}  # where the report is logged besides its files
+    choices = {"wandb": ("disabled", "offline", "online"), "tensorboard": ("auto", "true", "false")}
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in options:
             print(
                 f"normbench report: error: unknown argument {arg!r}; use experiment=NAME results_dir=DIR "
-                "[out_dir=DIR] [model=MODEL_ID] [data=DATA_NAME]",
+                "[out_dir=DIR] [model=MODEL_ID] [data=DATA_NAME] [wandb=disabled|offline|online] "
+                "[tensorboard=auto|true|false]",
                 file=sys.stderr,
             )
+            return 2
+        if key in choices and value not in choices[key]:
+            print(f"normbench report: error: {key}={value!r}; use one of {', '.join(choices[key])}", file=sys.stderr)
             return 2
         options[key] = value
     if not options["experiment"]:
@@ -43,6 +49,19 @@ def _report(args: list[str]) -> int:
     print(summary.markdown)
     for path in summary.paths:
         print(f"wrote {path}")
+    tensorboard = options["tensorboard"] == "true" or (
+        options["tensorboard"] == "auto" and summary.runs_log_to_tensorboard
+    )
+    if summary.n_completed + summary.n_diverged + summary.n_failed + summary.n_interrupted and (
+        tensorboard or options["wandb"] != "disabled"
+    ):
+        from pathlib import Path
+
+        from normbench.tracking import publish_report
+
+        where = Path(options["results_dir"]) / options["experiment"] / "report"
+        for line in publish_report(summary, where, wandb_mode=options["wandb"], tensorboard=tensorboard):
+            print(f"logged to {line}")
     return 0
 
 

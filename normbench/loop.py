@@ -72,15 +72,25 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resu
     compile_s = 0.0  # the first compiled step's time: kept out of images/s, which measures the compiled steps
     start = time.perf_counter()
 
-    def partial() -> dict:  # the epoch so far, for a step checkpoint
-        return {"loss_sum": loss_sum, "epoch_time_s": time_before + time.perf_counter() - start, "lr": lr}
+    def partial() -> dict:  # the epoch so far, for a step checkpoint (with the per-step curve's open interval)
+        return {
+            "loss_sum": loss_sum,
+            "epoch_time_s": time_before + time.perf_counter() - start,
+            "lr": lr,
+            "logged_step": logged[0],
+            "logged_loss_sum": logged[1],
+        }
 
     checkpoints = loop.step_checkpoints if loop.step_checkpoints and loop.step_checkpoints.enabled else None
     if checkpoints:
         checkpoints.epoch_started(epoch, start_step)
     bar = progress(loader, steps - start_step, f"epoch {epoch + 1}/{loop.epochs}", loop.show_progress)
     # the per-step curves' last point: (step, loss sum, time); the loss is read once per logger.every_steps
-    logged = (start_step, loss_sum.item() if loop.log_steps and start_step else 0.0, start)
+    # resumed mid-interval, the interval still starts where the killed attempt's last point ended: the same curve
+    logged = (int(resume.get("logged_step", start_step)), float(resume.get("logged_loss_sum", 0.0)), start)
+    if loop.log_steps and start_step and "logged_loss_sum" not in resume:  # a step checkpoint from before this
+        logged = (start_step, loss_sum.item(), start)
+    timed_from = logged[0]  # the interval that spans the resume has no rate (its time is split between attempts)
     with interrupts.holding_to_step_end() if checkpoints else contextlib.nullcontext():
         for step, (images, labels) in enumerate(bar, start=start_step):
             if loop.channels_last:
@@ -123,9 +133,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resu
             if at_log:
                 now = time.perf_counter()
                 done = step + 1 - logged[0]
-                scalars = {"step/train_loss": (total - logged[1]) / done, "step/lr": optimizer.param_groups[0]["lr"]}
-                if not (compile_s and logged[0] == start_step):  # an interval with the compiling step has no rate
-                    scalars["step/images_per_s"] = done * images_per_step / (now - logged[2])
+                scalars = {"train_loss": (total - logged[1]) / done, "lr": optimizer.param_groups[0]["lr"]}
+                # an interval holding the compiling step, or spanning a resume, has no rate
+                if not ((compile_s or start_step) and logged[0] == timed_from):
+                    scalars["images_per_s"] = done * images_per_step / (now - logged[2])
                 loop.log_steps(scalars, epoch * steps + step + 1)
                 logged = (step + 1, total, now)
             if checkpoints:  # a step boundary: the time, or a waiting signal, may call for a step checkpoint

@@ -154,6 +154,7 @@ def _run(ctx: RunContext) -> dict:
     log.info("%s", ctx.geometry.describe())
     outcome = "resumed" if state else "completed"
     code_history = provenance.CodeHistory(state, start_epoch, start_step)  # every commit that trains part of it
+    environment = None
     if d.is_main:
         try:
             runs.write_text(directory / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
@@ -228,13 +229,15 @@ def _run(ctx: RunContext) -> dict:
         Tracker(
             config,
             directory,
-            directory.name,
-            runs.wandb_id(config),
+            run_id=runs.wandb_id(config),
             enabled=d.is_main,
+            environment=environment,
             resume_step=start_epoch * len(data.train) + start_step,
+            history=list(history),
+            steps_per_epoch=len(data.train),
         ) as tracker,
     ):
-        loop.log_steps = tracker.log if d.is_main else None  # fmt: skip
+        loop.log_steps = tracker.log_steps if d.is_main else None  # fmt: skip
         try:
             for epoch in range(start_epoch, epochs):
                 resume, resume_partial = resume_partial, None
@@ -243,6 +246,7 @@ def _run(ctx: RunContext) -> dict:
                 if ctx.norm.before_evaluation(model, lambda: (x for x, _ in data.train)):
                     distributed.average_buffers(model, d)  # every rank evaluates with the same statistics
                 row = {"epoch": epoch + 1, **row, **evaluate(model, data.eval, loop, loop.eval_forward)}
+                row.update(ctx.norm.epoch_scalars(model))  # SN's importance weights as curves
                 # from here to metrics.jsonl a signal waits: history, checkpoint and metrics agree on the epochs
                 with interrupts.recording_epoch():
                     log.info(
@@ -256,7 +260,7 @@ def _run(ctx: RunContext) -> dict:
                         row["epoch_time_s"],
                     )
                     if d.is_main:
-                        tracker.log({f"epoch/{k}": v for k, v in row.items()}, step=(epoch + 1) * len(data.train))
+                        tracker.log_epoch(row, step=(epoch + 1) * len(data.train))
                         saving = time.perf_counter()
                         state = checkpoint_state(epoch + 1)
                         state["history"].append(row)
@@ -301,7 +305,9 @@ def _run(ctx: RunContext) -> dict:
                     runs.write_result(directory, result)
                 except OSError as err:  # the disk that stopped the run may not take its record either
                     log.warning("could not write %s: %s", directory / "result.json", err)
-                tracker.summary({k: v for k, v in result.items() if k.startswith("top")})
+                tracker.summary(
+                    {k: v for k, v in result.items() if k.startswith("top")}, len(history) * len(data.train)
+                )
     log.info(
         "%s: %s  top-1 err final %s  median(last 5) %s",
         directory,

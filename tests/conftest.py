@@ -53,15 +53,16 @@ def cli(
     )
 
 
-def start_train(*args: str, launcher: list[str] | None = None, **popen) -> subprocess.Popen:
-    """`normbench train ARGS` as a background process (one thread, wandb off) for tests that signal or kill it;
-    ``launcher`` replaces `python -m normbench.cli` (e.g. torchrun); ``popen`` goes to subprocess.Popen."""
+def start_train(*args: str, launcher: list[str] | None = None, env: dict | None = None, **popen) -> subprocess.Popen:
+    """`normbench train ARGS` as a background process (one thread, wandb off unless ``env`` says otherwise) for
+    tests that signal or kill it; ``launcher`` replaces `python -m normbench.cli` (e.g. torchrun); ``popen`` goes
+    to subprocess.Popen."""
     command = launcher or [sys.executable, "-m", "normbench.cli"]
     return subprocess.Popen(
         [*command, "train", *args],
         cwd=REPO,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})},
         **popen,
     )
 

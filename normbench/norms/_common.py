@@ -74,6 +74,11 @@ class NormLayer:
         return {}
 
     @classmethod
+    def epoch_scalars(cls, model: nn.Module) -> dict[str, float]:
+        """Numbers to follow epoch by epoch (metrics.jsonl and the dashboards): SN's mean importance weights."""
+        return {}
+
+    @classmethod
     def _option_defaults(cls) -> dict:
         params = inspect.signature(cls.__init__).parameters
         return {

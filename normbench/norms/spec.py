@@ -62,3 +62,6 @@ class NormSpec:
 
     def recorded(self, model: nn.Module) -> dict:
         return self.layer_class.recorded(model)
+
+    def epoch_scalars(self, model: nn.Module) -> dict[str, float]:
+        return self.layer_class.epoch_scalars(model)

@@ -156,6 +156,18 @@ class SwitchableNorm2d(PerGPULayer, nn.Module):
     def recorded(cls, model: nn.Module) -> dict:
         return {"sn_importance": switchable_importance(model)}
 
+    @classmethod
+    def epoch_scalars(cls, model: nn.Module) -> dict[str, float]:
+        """The importance weights averaged over the network's SN layers: ``sn_mean_in``, ``sn_mean_ln``,
+        ``sn_mean_bn``, ``sn_var_in``, ... (the per-layer weights of the final model are in result.json)."""
+        layers = list(switchable_importance(model).values())
+        return {
+            f"sn_{statistic}_{kind}": sum(layer[statistic][kind] for layer in layers) / len(layers)
+            for statistic in ("mean", "var")
+            for kind in ("in", "ln", "bn")
+            if layers
+        }
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_channels}, per_gpu_batch={self.per_gpu_batch}, use_bn={self.use_bn}, "

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normbench.runs import write_bytes, write_text
+from normbench.runs import sweep_group, write_bytes, write_text
 
 from .analysis import bn_eval_stats, cols_in_play, missing_label, preset_excluded
 from .claims import Judged, judge, load_claims
@@ -41,6 +41,9 @@ class ReportSummary:
     n_superseded: int = 0
     n_interrupted: int = 0
     claims: list[Judged] = field(default_factory=list)
+    group: str | None = None  # the runs' wandb group (runs.sweep_group); None without runs
+    project: str | None = None  # their wandb project
+    runs_log_to_tensorboard: bool = False  # whether any of the runs wrote TensorBoard event files
 
     @property
     def md_path(self) -> Path:
@@ -107,6 +110,8 @@ def build_report(
     write_text(paths[0], markdown)
 
     status = Counter(r.status for r in coll.runs)
+    configs = [r.data.get("config") or {} for r in coll.runs]
+    logger = (configs[0].get("logger") or {}) if configs else {}
     return ReportSummary(
         experiment=experiment,
         paths=paths,
@@ -123,4 +128,7 @@ def build_report(
         n_superseded=len(coll.superseded),
         n_interrupted=status["interrupted"],
         claims=judged,
+        group=sweep_group(experiment, model_, data_) if pairs else None,
+        project=(logger.get("wandb") or {}).get("project", "normbench"),
+        runs_log_to_tensorboard=any((c.get("logger") or {}).get("tensorboard") for c in configs),
     )

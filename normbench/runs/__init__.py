@@ -23,7 +23,16 @@ from .files import (
     write_metrics,
     write_text,
 )
-from .identity import COLOUR_AUGMENT_KEYS, NON_IDENTIFYING, identifying_config, run_dir, run_id, run_name, wandb_id
+from .identity import (
+    COLOUR_AUGMENT_KEYS,
+    NON_IDENTIFYING,
+    identifying_config,
+    run_dir,
+    run_id,
+    run_name,
+    sweep_group,
+    wandb_id,
+)
 from .record import (
     FINAL_STATUSES,
     FORCE_SINCE_ENV,
@@ -78,6 +87,7 @@ __all__ = [
     "set_aside",
     "set_aside_finished",
     "skip_finished",
+    "sweep_group",
     "wandb_id",
     "write_bytes",
     "write_json",

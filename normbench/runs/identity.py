@@ -99,3 +99,9 @@ def run_dir(config: dict) -> Path:
 def wandb_id(config: dict) -> str:
     """The dashboard id: the run hash within its experiment (the same BN run in two tables is two runs)."""
     return f"{config['experiment']}-{run_id(config)}"[:64]
+
+
+def sweep_group(experiment: str, model_id: str, data_name: str) -> str:
+    """The wandb group of a run: one report's runs (experiment, model, dataset: every cell and seed of the grid);
+    ``normbench report`` logs its table and figure to the same group (from result.json's fields of these)."""
+    return f"{experiment}-{model_id}-{data_name}"[:128]
