@@ -3,6 +3,7 @@
 normbench train [overrides]                          one run (Hydra; -m for a plain multirun)
 normbench sweep experiment=NAME [preset=P] [...]     the grid behind a paper table
 normbench report experiment=NAME results_dir=DIR     the table beside the paper's numbers; never trains
+                 [wandb=offline|online] [tensorboard=auto|true|false]   ... also on the dashboards
 """
 
 from __future__ import annotations

@@ -169,3 +169,54 @@ def test_a_run_killed_without_a_step_checkpoint_logs_the_lost_steps_again_once(t
     assert rerun.returncode == 0, rerun.stderr
     assert "from epoch 1" in rerun.stdout + rerun.stderr
     _assert_same_curves(run, uninterrupted)
+
+
+def test_the_report_logs_its_table_and_figure_to_tensorboard_and_the_runs_wandb_group(tmp_path):
+    import csv
+    import io
+
+    from PIL import Image
+    from test_report import make_table2
+
+    root = tmp_path / "results"
+    make_table2(root)
+    args = ["report", "experiment=gn_table2", f"results_dir={root}", "wandb=offline", "tensorboard=true"]
+    done = cli(*args, env=WANDB_OFFLINE)
+    assert done.returncode == 0, done.stderr
+    assert "logged to TensorBoard" in done.stdout and "logged to wandb (offline)" in done.stdout
+    report_dir = root / "gn_table2" / "report"
+    png = Image.open(root / "reports" / "gn_table2.png")
+    markdown = (root / "reports" / "gn_table2.md").read_text()
+    rows = list(csv.reader(io.StringIO((root / "reports" / "gn_table2.csv").read_text())))
+
+    events = _events(report_dir)
+    (image,) = events.Images("report/figure")
+    assert (image.width, image.height) == png.size
+    assert Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB").tobytes() == png.convert("RGB").tobytes()
+    (text,) = events.Tensors("report/markdown/text_summary")
+    assert text.tensor_proto.string_val[0].decode() == markdown
+
+    (run_file,) = offline_runs(report_dir)
+    logged = read_run(run_file)
+    assert logged.group == "gn_table2-cifar_resnet20-fashion_mnist"  # the runs' group: experiment-model-data
+    assert logged.job_type == "report"
+    (entry,) = [h for h in logged.history if "report/table" in h]
+    assert entry["report/table"]["_type"] == "table-file" and entry["report/figure"]["_type"] == "image-file"
+    table = json.loads((run_file.parent / "files" / entry["report/table"]["path"]).read_text())
+    assert table["columns"] == rows[0]
+    assert len(table["data"]) == len(rows) - 1
+    for logged_row, csv_row in zip(table["data"], rows[1:], strict=True):  # numbers as numbers, blanks as None
+        assert ["" if v is None else v for v in logged_row] == [
+            float(v) if k in ("mean", "std", "paper") and v else int(v) if k.startswith("n_") and v else v
+            for k, v in zip(rows[0], csv_row, strict=True)
+        ]
+
+    again = cli(*args[:-2], "tensorboard=true")  # a second publication replaces the first in TensorBoard
+    assert again.returncode == 0, again.stderr
+    assert len(list((report_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_a_bad_dashboard_option_of_the_report_is_one_line_naming_the_choices(tmp_path):
+    done = cli("report", "experiment=gn_table2", f"results_dir={tmp_path}", "wandb=yes")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "normbench report: error: wandb='yes'; use one of disabled, offline, online"

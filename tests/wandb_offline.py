@@ -45,6 +45,19 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
+def _items(items) -> dict:
+    """Items to a dict; a value logged as a dict (a Table's or Image's reference) comes as one item per nested
+    key: nested again here."""
+    out: dict = {}
+    for item in items:
+        *parents, last = [item.key] if item.key else list(item.nested_key)
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = json.loads(item.value_json)
+    return out
+
+
 @dataclass
 class OfflineRun:
     run_id: str
@@ -63,7 +76,7 @@ def read_run(run_file: Path) -> OfflineRun:
             config = {_key(i): json.loads(i.value_json) for i in record.run.config.update}
             run = OfflineRun(record.run.run_id, record.run.run_group, record.run.job_type, config)
         elif kind == "history":
-            run.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
+            run.history.append(_items(record.history.item))
         elif kind == "summary":
             run.summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update if _key(i)})
     return run
