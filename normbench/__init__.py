@@ -35,4 +35,15 @@ def _register_resolvers() -> None:
     OmegaConf.register_new_resolver("gpus_for", _gpus_for, replace=True)
 
 
-_register_resolvers()
+try:
+    _register_resolvers()  # the slow part of this import (omegaconf, yaml): a signal often lands here
+except BaseException as _stop:  # noqa: BLE001 -- only a start-up interrupt is handled; anything else re-raised
+    if not _running_as_the_command():
+        raise
+    from normbench.cli import interrupted
+    from normbench.runs.interrupts import Interrupted
+
+    if not isinstance(_stop, Interrupted):
+        raise
+
+    raise SystemExit(interrupted(__import__("sys").argv[1:], _stop)) from None

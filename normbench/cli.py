@@ -154,18 +154,30 @@ def _config_error(command: str, args: list[str]) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def interrupted(argv: list[str], stop: BaseException) -> int:
+    """The one line a command says when a signal stops it outside a run's own handling (start-up, the imports,
+    a report, sweep planning), and its exit status."""
     from normbench.runs import interruption_message
-    from normbench.runs.interrupts import Interrupted, interruption_exit_code, start_up_interrupts
+    from normbench.runs.interrupts import interruption_exit_code
 
-    start_up_interrupts()  # a signal during start-up: one line, not a traceback or a silent death
+    command = argv[0] if argv else ""
+    print(f"normbench {command}: {interruption_message(stop)}", file=sys.stderr, flush=True)
+    return interruption_exit_code(stop)
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        from normbench.runs.interrupts import start_up_interrupts
+
+        start_up_interrupts()  # a signal during start-up: one line, not a traceback or a silent death
         return _main(argv)
-    except Interrupted as stop:  # before train() recorded anything, or outside a run (report, sweep planning)
-        command = argv[0] if argv else ""
-        print(f"normbench {command}: {interruption_message(stop)}", file=sys.stderr, flush=True)
-        return interruption_exit_code(stop)
+    except BaseException as stop:  # noqa: BLE001 -- Interrupted only: before train() recorded anything, a report
+        from normbench.runs.interrupts import Interrupted
+
+        if not isinstance(stop, Interrupted):
+            raise
+        return interrupted(argv, stop)
 
 
 def _main(argv: list[str]) -> int:

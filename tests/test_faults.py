@@ -191,6 +191,33 @@ def test_a_signal_during_start_up_says_one_true_line(tmp_path, signum, delay_s):
         ], stderr
 
 
+# A SIGTERM sent by the process to itself the moment the package's own import reaches omegaconf (the slow part
+# of `import normbench`, after the start-up handler is in): the window a signal 0.1 s into a run often hits.
+SIGNAL_DURING_THE_PACKAGE_IMPORT = """
+import os, signal, sys
+class SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "omegaconf":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+sys.meta_path.insert(0, SignalOnImport())
+"""
+
+
+def test_a_signal_while_the_package_imports_says_one_line(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_DURING_THE_PACKAGE_IMPORT)
+    done = cli("train", *TINY, f"results_dir={tmp_path}", env={"PYTHONPATH": str(hook)})
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "normbench train: interrupted by SIGTERM before the run recorded anything (no result.json): rerun the same "
+        "command"
+    ]
+
+
 # SIGTERM once train() has returned, as the command winds down (Hydra's teardown): the window CI's fast
 # machine hit with a real signal 3 s into a one-epoch run, which then died in silence with the default action.
 SIGNAL_AS_THE_COMMAND_ENDS = """
