@@ -85,12 +85,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resu
     if checkpoints:
         checkpoints.epoch_started(epoch, start_step)
     bar = progress(loader, steps - start_step, f"epoch {epoch + 1}/{loop.epochs}", loop.show_progress)
-    # the per-step curves' last point: (step, loss sum, time); the loss is read once per logger.every_steps
-    # resumed mid-interval, the interval still starts where the killed attempt's last point ended: the same curve
+    # the per-step curves' last point: (step, loss sum, time); the loss is read once per logger.every_steps.
+    # Resumed mid-interval, the interval starts where the killed attempt's last point ended: the same curve.
     logged = (int(resume.get("logged_step", start_step)), float(resume.get("logged_loss_sum", 0.0)), start)
     if loop.log_steps and start_step and "logged_loss_sum" not in resume:  # a step checkpoint from before this
         logged = (start_step, loss_sum.item(), start)
-    timed_from = logged[0]  # the interval that spans the resume has no rate (its time is split between attempts)
+    timed = logged[0] >= start_step  # an interval has a rate unless it spans a resume or holds the compiling step
     with interrupts.holding_to_step_end() if checkpoints else contextlib.nullcontext():
         for step, (images, labels) in enumerate(bar, start=start_step):
             if loop.channels_last:
@@ -99,7 +99,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resu
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
             first_compiled, loop.compile_pending = loop.compile_pending, False
             if first_compiled:
-                compile_start = time.perf_counter()
+                compile_start, timed = time.perf_counter(), False
             loss = loop.forward_loss(images, labels)
             optimizer.zero_grad(set_to_none=True)
             loop.scaler.scale(loss).backward()
@@ -134,11 +134,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch, loop: Loop, resu
                 now = time.perf_counter()
                 done = step + 1 - logged[0]
                 scalars = {"train_loss": (total - logged[1]) / done, "lr": optimizer.param_groups[0]["lr"]}
-                # an interval holding the compiling step, or spanning a resume, has no rate
-                if not ((compile_s or start_step) and logged[0] == timed_from):
+                if timed:
                     scalars["images_per_s"] = done * images_per_step / (now - logged[2])
                 loop.log_steps(scalars, epoch * steps + step + 1)
-                logged = (step + 1, total, now)
+                logged, timed = (step + 1, total, now), True
             if checkpoints:  # a step boundary: the time, or a waiting signal, may call for a step checkpoint
                 checkpoints.after_step(epoch, step + 1, steps, at_check, partial)
     seconds = time.perf_counter() - start

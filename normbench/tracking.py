@@ -84,11 +84,11 @@ class Tracker:
             except OSError as err:
                 log.warning("%s: %s; per-step rows stop here", self.steps_file.name, err)
                 self.steps_file = None
-        self._log({f"step/{k}": v for k, v in scalars.items()}, step)
+        self._log(_prefixed("step", scalars), step)
 
     def log_epoch(self, row: dict, step: int) -> None:
         """An epoch's row of metrics.jsonl as ``epoch/...`` at the step that ends the epoch."""
-        self._log({f"epoch/{k}": v for k, v in row.items()}, step)
+        self._log(_prefixed("epoch", row), step)
 
     def _log(self, metrics: dict, step: int) -> None:
         if self.run is not None and step >= self.wandb_floor:
@@ -120,6 +120,11 @@ class Tracker:
             self.run.finish(exit_code=0 if exc[0] is None else 1)
 
 
+def _prefixed(prefix: str, row: dict) -> dict:
+    """A local row as dashboard scalars: ``step/...`` (steps.jsonl, less its step) or ``epoch/...``."""
+    return {f"{prefix}/{k}": v for k, v in row.items() if not (prefix == "step" and k == "step")}
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -144,33 +149,43 @@ def _steps_up_to(path: Path, last_step: int) -> list[dict]:
 
 def _replay_rows(steps: list[dict], history: list[dict], steps_per_epoch: int) -> list[tuple[int, dict]]:
     """(step, dashboard scalars) in the order training logged them: a step's point before its epoch's row."""
-    rows = [(r["step"], {f"step/{k}": v for k, v in r.items() if k != "step"}) for r in steps]
-    rows += [(int(row["epoch"]) * steps_per_epoch, {f"epoch/{k}": v for k, v in row.items()}) for row in history]
+    rows = [(r["step"], _prefixed("step", r)) for r in steps]
+    rows += [(int(row["epoch"]) * steps_per_epoch, _prefixed("epoch", row)) for row in history]
     return sorted(rows, key=lambda r: r[0])  # stable: the step rows stay first
 
 
-def _tensorboard_writer(directory: Path, replay: list[tuple[int, dict]], environment: dict | None):
-    """A fresh event file holding ``replay``; the older event files (a killed attempt's) removed once it is
-    written, so every TensorBoard reader (the Rust data server, the legacy loader) shows each step once."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
+def _fresh_event_file(directory: Path, write):
+    """A SummaryWriter on a new event file in ``directory``, ``write(writer)`` flushed into it, then every older
+    event file there removed: the directory holds one stream, so every TensorBoard reader (the Rust data
+    server, the legacy loader) shows each step once. Returns the open writer."""
+    from torch.utils.tensorboard import SummaryWriter
 
-        older = sorted(directory.glob("events.out.tfevents.*")) if directory.is_dir() else []
-        writer = SummaryWriter(log_dir=str(directory))
+    older = sorted(directory.glob("events.out.tfevents.*")) if directory.is_dir() else []
+    writer = SummaryWriter(log_dir=str(directory))
+    write(writer)
+    writer.flush()
+    for path in older:
+        path.unlink(missing_ok=True)
+    return writer
+
+
+def _tensorboard_writer(directory: Path, replay: list[tuple[int, dict]], environment: dict | None):
+    """The run's event stream, starting with ``replay`` (what the checkpoint holds) and the environment."""
+
+    def write(writer) -> None:
         for step, scalars in replay:
             _add_scalars(writer, scalars, step)
         if environment:
             writer.add_text("environment", "```\n" + json.dumps(environment, indent=2, default=str) + "\n```", 0)
-        writer.flush()
-        for path in older:
-            path.unlink(missing_ok=True)
-        return writer
+
+    try:
+        return _fresh_event_file(directory, write)
     except Exception as err:  # noqa: BLE001 -- package missing, disk: the local files are the record
         log.warning("TensorBoard disabled for this run (%s: %s)", type(err).__name__, err)
         return None
 
 
-def _wandb_run(config: dict, run_dir: Path, name: str, run_id: str, environment: dict | None, job_type="train"):
+def _wandb_run(config: dict, run_dir: Path, name: str, run_id: str, environment: dict | None):
     """wandb.init in the config's mode (``logger.wandb.mode``), or None (disabled, not installed, failed)."""
     mode = config["logger"]["wandb"]["mode"]
     if mode == "disabled":
@@ -183,7 +198,7 @@ def _wandb_run(config: dict, run_dir: Path, name: str, run_id: str, environment:
         resume="allow",
         dir=str(run_dir),
         config={**config, "env": environment} if environment else config,
-        job_type=job_type,
+        job_type="train",
     )
     return wandb_init(mode, run_dir, kwargs)
 
@@ -247,34 +262,25 @@ def hparams_of(config: dict, environment: dict | None = None) -> dict:
 
 
 # ---- the report: its table and figure beside the runs it was built from ---------------------------------------
-REPORT_NUMBERS = {"mean": float, "std": float, "paper": float, "n_seeds": int, "n_diverged": int, "n_failed": int,
-                  "n_interrupted": int}  # fmt: skip
-
-
 def publish_report(summary, directory: Path, *, wandb_mode: str, tensorboard: bool) -> list[str]:
     """Log a built report (normbench.report.ReportSummary) to the dashboards: TensorBoard event files in
     ``directory/tensorboard`` (``results_dir/EXPERIMENT/report/``: `tensorboard --logdir results_dir/EXPERIMENT`
     shows it beside the runs; each publication replaces the last), and with ``wandb_mode`` offline or online a
     wandb run (job_type "report") in the runs' group holding the CSV as a wandb Table and the figure as an
     Image. Returns what was written, in words; a dashboard failure is a warning, never a failed report."""
-    import csv
-
     directory = Path(directory)
-    rows = list(csv.DictReader(summary.csv_path.read_text().splitlines()))
     written = []
     if tensorboard:
         try:
             import numpy as np
             from PIL import Image
-            from torch.utils.tensorboard import SummaryWriter
 
-            older = sorted((directory / "tensorboard").glob("events.out.tfevents.*"))
-            with SummaryWriter(log_dir=str(directory / "tensorboard")) as writer:
+            def write(writer) -> None:
                 writer.add_text("report/markdown", summary.markdown, 0)
                 image = np.asarray(Image.open(summary.png_path).convert("RGB"))
                 writer.add_image("report/figure", image, 0, dataformats="HWC")
-            for path in older:
-                path.unlink(missing_ok=True)
+
+            _fresh_event_file(directory / "tensorboard", write).close()
             written.append(f"TensorBoard: {directory / 'tensorboard'}")
         except Exception as err:  # noqa: BLE001
             log.warning("report not written to TensorBoard (%s: %s)", type(err).__name__, err)
@@ -294,8 +300,10 @@ def publish_report(summary, directory: Path, *, wandb_mode: str, tensorboard: bo
             try:
                 import wandb
 
-                columns = list(rows[0]) if rows else []
-                table = wandb.Table(columns=columns, data=[[_typed(k, row[k]) for k in columns] for row in rows])
+                from normbench.report.csv_table import read_typed_csv
+
+                columns, rows = read_typed_csv(summary.csv_path)
+                table = wandb.Table(columns=columns, data=rows)
                 run.log({"report/table": table, "report/figure": wandb.Image(str(summary.png_path))})
                 run.summary.update({"n_completed": summary.n_completed, "n_missing_cells": summary.n_missing_cells})
                 written.append(f"wandb ({wandb_mode}): group {summary.group}, run {kwargs['id']} in {directory}")
@@ -304,10 +312,3 @@ def publish_report(summary, directory: Path, *, wandb_mode: str, tensorboard: bo
             finally:
                 run.finish()
     return written
-
-
-def _typed(key: str, text: str):
-    """A CSV cell as the wandb Table's value: numbers as numbers (charts can plot them), empty as None."""
-    if key not in REPORT_NUMBERS:
-        return text
-    return REPORT_NUMBERS[key](text) if text != "" else None

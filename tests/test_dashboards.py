@@ -220,3 +220,53 @@ def test_a_bad_dashboard_option_of_the_report_is_one_line_naming_the_choices(tmp
     done = cli("report", "experiment=gn_table2", f"results_dir={tmp_path}", "wandb=yes")
     assert done.returncode == 2
     assert done.stderr.strip() == "normbench report: error: wandb='yes'; use one of disabled, offline, online"
+
+
+class _Batches:
+    """Ten one-image steps whose losses are 1, 2, ..., 10 (step s: loss s + 1): the curve's values are known."""
+
+    def __init__(self):
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.start = start_step
+
+    def __len__(self) -> int:
+        return 10
+
+    def __iter__(self):
+        return ((torch.zeros(1, 1), torch.tensor([s + 1.0])) for s in range(self.start, 10))
+
+
+def _per_step_points(resume: dict | None = None, compile_pending: bool = False) -> list[tuple[int, float, bool]]:
+    """(global step, train_loss, has images/s) of each point train_one_epoch logs every 3 steps."""
+    from normbench.distributed import Dist
+    from normbench.loop import Loop, train_one_epoch
+
+    weight = torch.nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.SGD([weight], lr=0.0)
+    points = []
+    loop = Loop(
+        device=torch.device("cpu"), dist=Dist(), raw_model=torch.nn.Module(), channels_last=False,
+        sync_buffers_every_step=False, show_progress=False, amp_dtype=None,
+        scaler=torch.amp.GradScaler("cpu", enabled=False), images_per_step=1, epochs=1, check_every=50,
+        forward_loss=lambda images, labels: weight * 0 + labels.sum(), eval_forward=None, every_steps=3,
+        compile_pending=compile_pending,
+        log_steps=lambda scalars, step: points.append((step, scalars["train_loss"], "images_per_s" in scalars)),
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    train_one_epoch(torch.nn.Module(), _Batches(), optimizer, scheduler, 0, loop, resume)
+    return points
+
+
+def test_an_interval_has_a_rate_unless_it_spans_a_resume_or_holds_the_compiling_step():
+    # losses 1..10; points at steps 3, 6, 9, each the mean of its interval's losses
+    assert _per_step_points() == [(3, 2.0, True), (6, 5.0, True), (9, 8.0, True)]
+    # resumed after step 4 (the last point at step 3): the interval 4-6 spans two processes: the same mean, no rate
+    inside = {"step": 4, "loss_sum": torch.tensor(10.0), "logged_step": 3, "logged_loss_sum": 6.0}
+    assert _per_step_points(inside) == [(6, 5.0, False), (9, 8.0, True)]
+    # resumed exactly at a point: the next interval lies wholly in this process and has its rate
+    at_point = {"step": 3, "loss_sum": torch.tensor(6.0), "logged_step": 3, "logged_loss_sum": 6.0}
+    assert _per_step_points(at_point) == [(6, 5.0, True), (9, 8.0, True)]
+    # the interval that holds the compiling step has no rate; the next ones do
+    assert _per_step_points(compile_pending=True) == [(3, 2.0, False), (6, 5.0, True), (9, 8.0, True)]

@@ -150,6 +150,25 @@ def bn_eval_csv_rows(layout: Layout, stats) -> list[dict]:
     return rows
 
 
+CSV_NUMBERS = {"mean": float, "std": float, "paper": float, "n_seeds": int, "n_diverged": int, "n_failed": int,
+               "n_interrupted": int}  # fmt: skip
+
+
+def read_typed_csv(path) -> tuple[list[str], list[list]]:
+    """A written report CSV back as (columns, rows) with numbers as numbers and blanks as None (a wandb Table's
+    charts can plot them)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = list(rows[0]) if rows else list(CSV_FIELDS)
+
+    def typed(key: str, text: str):
+        if key not in CSV_NUMBERS:
+            return text
+        return CSV_NUMBERS[key](text) if text != "" else None
+
+    return columns, [[typed(k, row[k]) for k in columns] for row in rows]
+
+
 def csv_from_rows(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
