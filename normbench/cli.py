@@ -53,9 +53,7 @@ def _report(args: list[str]) -> int:
     tensorboard = options["tensorboard"] == "true" or (
         options["tensorboard"] == "auto" and summary.runs_log_to_tensorboard
     )
-    if summary.n_completed + summary.n_diverged + summary.n_failed + summary.n_interrupted and (
-        tensorboard or options["wandb"] != "disabled"
-    ):
+    if summary.group is not None and (tensorboard or options["wandb"] != "disabled"):  # None: no runs yet
         from pathlib import Path
 
         from normbench.tracking import publish_report
@@ -196,14 +194,19 @@ def _main(argv: list[str]) -> int:
         if command == "sweep" and not any(a.startswith("experiment=") for a in rest):
             print("normbench sweep: error: experiment=NAME is required (see configs/experiment/)", file=sys.stderr)
             return 2
-        error = _config_error(command, rest)
-        if error:
-            print(f"normbench {command}: error: {error}", file=sys.stderr)
-            return 2
-        # Hydra takes one mode: --cfg/--info print the composed config instead of running (no -m with them).
-        shows_config = any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in rest)
-        sys.argv = [f"normbench {command}"] + (["-m"] if command == "sweep" and not shows_config else []) + rest
-        train_main()
+        from normbench.runs.interrupts import holding_through_start_up
+
+        with holding_through_start_up():  # a signal while Hydra composes waits for normbench's own code
+            error = _config_error(command, rest)
+            if error:
+                print(f"normbench {command}: error: {error}", file=sys.stderr)
+                return 2
+            # Hydra takes one mode: --cfg/--info print the composed config instead of running (no -m with them).
+            shows_config = any(
+                a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in rest
+            )
+            sys.argv = [f"normbench {command}"] + (["-m"] if command == "sweep" and not shows_config else []) + rest
+            train_main()
         return 0
     print(f"normbench: error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2

@@ -408,6 +408,7 @@ def one_line(err: BaseException) -> str:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> dict:
     try:
+        interrupts.start_up_done()  # a signal held while Hydra composed the config is raised here
         return train(cfg)
     except (ConfigError, DataError, disk_faults.RunEnvironmentError) as err:
         if _in_multirun():

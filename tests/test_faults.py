@@ -218,6 +218,39 @@ def test_a_signal_while_the_package_imports_says_one_line(tmp_path):
     ]
 
 
+# A SIGTERM that lands inside Hydra's config composition, in library code that turns an exception raised there
+# into one of its own (as omegaconf's flag restore did: "AttributeError: 'NoneType' object has no attribute
+# '_invalidate_flags_cache'", printed by Hydra as a traceback, the interrupt lost; seen in make test at 1.5 s).
+SIGNAL_INSIDE_HYDRA_COMPOSE = """
+import os, signal
+from hydra._internal import hydra as hydra_module
+compose = hydra_module.Hydra.compose_config
+signalled = []
+def compose_config(self, *args, **kwargs):
+    try:
+        if not signalled:  # one signal, in the first composition
+            signalled.append(os.kill(os.getpid(), signal.SIGTERM))
+        sum(range(100000))  # the handler runs here
+    except BaseException:
+        raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+    return compose(self, *args, **kwargs)
+hydra_module.Hydra.compose_config = compose_config
+"""
+
+
+def test_a_signal_inside_hydras_composition_waits_for_normbench_and_says_one_line(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_INSIDE_HYDRA_COMPOSE)
+    done = cli("train", *TINY, f"results_dir={tmp_path / 'runs'}", env={"PYTHONPATH": str(hook)})
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("normbench")] == [
+        "normbench train: interrupted by SIGTERM before the run recorded anything (no result.json): rerun the same "
+        "command"
+    ], done.stderr
+
+
 # SIGTERM once train() has returned, as the command winds down (Hydra's teardown): the window CI's fast
 # machine hit with a real signal 3 s into a one-epoch run, which then died in silence with the default action.
 SIGNAL_AS_THE_COMMAND_ENDS = """

@@ -33,6 +33,10 @@ _before_start: dict[int, Any] = {}  # the handlers start_up_interrupts replaced
 
 
 def _raise_interrupted(signum, frame):
+    if _deferred["depth"]:  # inside a hold (Hydra composing the config): acted on at its end
+        signal.signal(signum, _before_start.get(signum, signal.SIG_DFL))  # a second signal stops at once
+        _deferred["pending"], _deferred["foreign"] = signum, None
+        return
     raise Interrupted(signum)
 
 
@@ -119,6 +123,35 @@ def _holding():
     _deferred["depth"] -= 1
     if not _deferred["depth"]:
         deliver_held()
+
+
+_library_hold = {"active": False}
+
+
+@contextmanager
+def holding_through_start_up():
+    """Hydra composing the config is library code that does not survive an exception raised in the middle of it
+    (omegaconf's flag restore then fails with an AttributeError that Hydra prints as a traceback, and the
+    interrupt is lost): a start-up signal waits until the task function begins (`start_up_done`), or until
+    this block ends if it never does (an error, a --cfg print, a sweep with nothing to train)."""
+    _library_hold["active"] = True
+    with _holding():
+        try:
+            yield
+        finally:
+            if _library_hold["active"]:
+                _library_hold["active"] = False
+            else:
+                _deferred["depth"] += 1  # start_up_done left the hold early: _holding's own exit balances it
+
+
+def start_up_done() -> None:
+    """The task function has begun: a signal held since start-up is raised here, in normbench's code."""
+    if _library_hold["active"]:
+        _library_hold["active"] = False
+        _deferred["depth"] -= 1
+        if not _deferred["depth"]:
+            deliver_held()
 
 
 @contextmanager
