@@ -147,3 +147,34 @@ def imagenet_cfg(**overrides):
         OmegaConf.update(cfg, key, value, merge=False)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+class KernelSpy:
+    """Which EvoNorm path ran: ``fused`` (numba kernels asked for) and ``calls`` (how often they ran)."""
+
+    def __init__(self, fused: bool):
+        self.fused, self.calls = fused, 0
+
+    def expect(self, nchw: bool = True) -> None:
+        """The kernels ran exactly where they should: asked for, on an NCHW float CPU input."""
+        assert (self.calls > 0) == (self.fused and nchw), (self.fused, nchw, self.calls)
+
+
+@pytest.fixture(params=["fused", "tensor_ops"])
+def evonorm_path(request, monkeypatch):
+    """Runs an EvoNorm test on both eager paths: the fused CPU kernels and the plain tensor ops
+    (NORMBENCH_CPU_KERNELS=0), counting the kernel calls so a test can check which one it measured."""
+    from normbench.norms import evonorm
+
+    spy = KernelSpy(request.param == "fused")
+    if spy.fused:
+        pytest.importorskip("numba")  # a declared dependency; a bare environment tests the tensor ops only
+    monkeypatch.setenv("NORMBENCH_CPU_KERNELS", "1" if spy.fused else "0")
+    real = evonorm._kernels
+
+    def counted():
+        spy.calls += 1
+        return real()
+
+    monkeypatch.setattr(evonorm, "_kernels", counted)
+    return spy

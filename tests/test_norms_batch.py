@@ -284,7 +284,7 @@ def ref_evonorm_b0(x, w, b, v, n, running_var=None, eps=1e-5, sides=False):
 
 
 @pytest.mark.parametrize("shape,n", [((4, 3, 6, 5), 2), ((6, 5, 3, 7), None), ((4, 3, 1, 1), 2)])
-def test_evonorm_b0_vs_formula(shape, n):
+def test_evonorm_b0_vs_formula(shape, n, evonorm_path):
     C = shape[1]
     layer = set_affine(build_norm("evonorm_b0", C, per_gpu_batch=n, momentum=0.25).double())
     with torch.no_grad():
@@ -301,12 +301,14 @@ def test_evonorm_b0_vs_formula(shape, n):
     )
     x1 = rand(1, C, 3, 3)
     assert torch.isfinite(layer(x1)).all()  # eval works at N=1
+    evonorm_path.expect()
 
 
-def test_evonorm_b0_gradcheck():
+def test_evonorm_b0_gradcheck(evonorm_path):
     layer = set_affine(build_norm("evonorm_b0", 3, per_gpu_batch=2).double())
     x = rand(4, 3, 3, 2).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+    evonorm_path.expect()
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -314,7 +316,7 @@ def test_evonorm_b0_gradcheck():
     "shape,n,channels_last",
     [((4, 3, 6, 5), 2, False), ((6, 5, 3, 7), None, False), ((4, 3, 6, 5), 2, True), ((4, 3, 1, 1), 2, False)],
 )
-def test_evonorm_b0_gradients_vs_formula(shape, n, channels_last, training):
+def test_evonorm_b0_gradients_vs_formula(shape, n, channels_last, training, evonorm_path):
     """The hand-written backward: x, gamma, beta and v gradients against autograd of the float64 formula, with
     both sides of the max taken (v spread around 0, x offset), in training (paths through the per-GPU batch
     variance and the instance variance) and in evaluation (running variance: a constant)."""
@@ -339,9 +341,10 @@ def test_evonorm_b0_gradients_vs_formula(shape, n, channels_last, training):
     y.backward(gy)
     ref.backward(gy)
     assert_grads_match(layer, x, xr, ps)
+    evonorm_path.expect(nchw=x.is_contiguous())  # 1x1 channels_last is NCHW-contiguous too
 
 
-def test_evonorm_b0_gradcheck_parameters():
+def test_evonorm_b0_gradcheck_parameters(evonorm_path):
     """gradcheck (float64 finite differences) of x, gamma, beta and v together, training and evaluation."""
     layer = set_affine(build_norm("evonorm_b0", 3, per_gpu_batch=2, momentum=0.0).double())
     with torch.no_grad():
@@ -357,6 +360,7 @@ def test_evonorm_b0_gradcheck_parameters():
     for training in (True, False):
         layer.train(training)
         assert torch.autograd.gradcheck(f, (x, *params)), training
+    evonorm_path.expect()
 
 
 @pytest.mark.parametrize(

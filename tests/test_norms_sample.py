@@ -117,7 +117,7 @@ def test_bad_options(name, opts, C, match):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_evonorm_s0_vs_formula(shape):
+def test_evonorm_s0_vs_formula(shape, evonorm_path):
     C = shape[1]
     layer = set_affine(build_norm("evonorm_s0", C, groups=2).double())
     with torch.no_grad():
@@ -132,6 +132,7 @@ def test_evonorm_s0_vs_formula(shape):
     for mode in (True, False):
         layer.train(mode)
         torch.testing.assert_close(layer(x), ref.detach())
+    evonorm_path.expect()
 
 
 def ref_evonorm_s0(x, w, b, v, G, eps=1e-5):
@@ -145,7 +146,7 @@ def ref_evonorm_s0(x, w, b, v, G, eps=1e-5):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_evonorm_s0_gradients_vs_formula(shape, channels_last):
+def test_evonorm_s0_gradients_vs_formula(shape, channels_last, evonorm_path):
     """The hand-written backward: x, gamma, beta and v gradients against autograd of the float64 formula (an
     offset input, so the group mean's path matters), and a float64 gradcheck of all four together."""
     C = shape[1]
@@ -171,6 +172,7 @@ def test_evonorm_s0_gradients_vs_formula(shape, channels_last):
         return torch.func.functional_call(layer, {"weight": w, "bias": b, "v": v}, (x,))
 
     assert torch.autograd.gradcheck(f, (x.detach().requires_grad_(), *params))
+    evonorm_path.expect(nchw=x.is_contiguous())  # 1x1 channels_last is NCHW-contiguous too
 
 
 @pytest.mark.parametrize("shape", SHAPES)
