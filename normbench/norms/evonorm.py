@@ -10,7 +10,7 @@ S0:  y = x * sigmoid(v * x) / sqrt(var_group + eps) * weight + bias, var_group b
 Eager mode runs each layer as one autograd Function (``_EvoB0``, ``_EvoS0``) that saves only x and small
 per-(n, c) statistics and recomputes the elementwise terms in its hand-written backward: autograd's version
 allocated and saved about ten full-size temporaries per call (13x / 7x nn.BatchNorm2d's time on the CPU).
-On NCHW float CPU tensors the Function's full-size passes are numba kernels (:mod:`._cpu_kernels`: B0 1.0-1.1x
+On NCHW float CPU tensors the Function's full-size passes are numba kernels (:mod:`._cpu_kernels`: B0 1.0-1.2x
 and S0 0.5-0.8x BN forward+backward, against 2.6-3.2x and 1.9-2.2x in tensor ops); elsewhere (CUDA,
 channels_last, numba missing, ``NORMBENCH_CPU_KERNELS=0``) the same equations in tensor ops.
 Under ``torch.compile`` (:func:`compiling`) the same equations run as plain tensor ops, which inductor fuses.
