@@ -18,6 +18,7 @@ vs BN (<= 2).
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import random
 import statistics
@@ -163,6 +164,21 @@ def measure(shape, device, repeats, channels_last, log):
     return rows, times
 
 
+def numba_version() -> str:
+    """numba and its threading layer (EvoNorm's CPU kernels run on it), or why the kernels are off."""
+    try:
+        import numba
+    except ImportError:
+        return "numba missing (EvoNorm in tensor ops)"
+    if os.environ.get("NORMBENCH_CPU_KERNELS", "1") == "0":
+        return f"numba {numba.__version__} off (NORMBENCH_CPU_KERNELS=0)"
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = "threading layer not chosen yet"
+    return f"numba {numba.__version__} ({layer})"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help=f"use {', '.join(SMALL_SHAPES)}")
@@ -213,7 +229,7 @@ def main(argv=None):
     name_w = max(len(lbl) + (len(base) + 6 if base else 0) for lbl, base in order) + 2
     print(
         f"normbench norm layers: forward+backward time / baseline time (median over interleaved rounds); "
-        f"torch {torch.__version__}, cpu threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}, cpu threads {torch.get_num_threads()}, {numba_version()}, "
         f"{'channels_last' if args.channels_last else 'NCHW'}"
     )
     header = f"{'layer (vs baseline)':<{name_w}}" + "".join(f"{h:>{col_w}}" for h, _, _, _ in columns) + "  target"
