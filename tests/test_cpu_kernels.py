@@ -29,26 +29,59 @@ def reference(name, x, ps, n):
     return ref_evonorm_s0(x, ps["weight"], ps["bias"], ps["v"], 4)
 
 
+def count_builds(monkeypatch):
+    """Counts the calls of each kernel's parallel and serial build (normbench/norms/_cpu_kernels.py)."""
+    from normbench.norms import _cpu_kernels
+
+    counts = {"parallel": 0, "serial": 0}
+
+    def counting(real, build):
+        def counted(*args):
+            counts[build] += 1
+            return real(*args)
+
+        return counted
+
+    for name in _cpu_kernels.__all__:
+        kernel = getattr(_cpu_kernels, name)
+        for build in counts:
+            monkeypatch.setattr(kernel, build, counting(getattr(kernel, build), build))
+    return counts
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name,opts", LAYERS)
-def test_float32_long_rows_vs_float64_formula(name, opts, evonorm_path):
-    """28x28 rows (vectorized loops with remainders), float32 layer against the float64 formula on the same
-    values: output and every gradient within float32 accuracy, on both paths."""
+def test_long_rows_vs_float64_formula(name, opts, dtype, threads, evonorm_path, monkeypatch):
+    """28x27 rows (vectorized loops with remainders), the layer in float32 or float64 against the float64
+    formula on the same values: output and every gradient, on both paths; one thread runs the kernels' serial
+    build, two their parallel one."""
+    torch.set_num_threads(threads)  # the autouse _one_thread fixture restores it
+    builds = count_builds(monkeypatch)
     C = 16
     x64 = rand(4, C, 28, 27) * 2.0 + 0.5
-    layer = build(name, opts, C, torch.float32)
+    layer = build(name, opts, C, dtype)
     ps = leaf_copies(build(name, opts, C), ["weight", "bias", "v"])
-    x = x64.float().requires_grad_()
+    x = x64.to(dtype, copy=True).requires_grad_()
     xr = x64.clone().requires_grad_()
     y, ref = layer(x), reference(name, xr, ps, 2)
     gy = rand(*x.shape, seed=3)
-    y.backward(gy.float())
+    y.backward(gy.to(dtype))
     ref.backward(gy)
-    scale = lambda t: t.abs().max().item()  # noqa: E731
-    assert (y.double() - ref).abs().max().item() <= 1e-5 * scale(ref)
-    assert (x.grad.double() - xr.grad).abs().max().item() <= 1e-4 * scale(xr.grad)
-    for k, p in ps.items():
-        assert (getattr(layer, k).grad.double() - p.grad).abs().max().item() <= 1e-4 * scale(p.grad), k
+    if dtype == torch.float64:
+        torch.testing.assert_close(y, ref)
+        torch.testing.assert_close(x.grad, xr.grad)
+        for k, p in ps.items():
+            torch.testing.assert_close(getattr(layer, k).grad, p.grad, msg=k)
+    else:
+        scale = lambda t: t.abs().max().item()  # noqa: E731
+        assert (y.double() - ref).abs().max().item() <= 1e-5 * scale(ref)
+        assert (x.grad.double() - xr.grad).abs().max().item() <= 1e-4 * scale(xr.grad)
+        for k, p in ps.items():
+            assert (getattr(layer, k).grad.double() - p.grad).abs().max().item() <= 1e-4 * scale(p.grad), k
     evonorm_path.expect()
+    used = {b for b, n in builds.items() if n}
+    assert used == (set() if not evonorm_path.fused else {"serial" if threads == 1 else "parallel"}), builds
 
 
 @pytest.mark.parametrize("name,opts", LAYERS)

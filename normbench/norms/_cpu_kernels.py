@@ -18,6 +18,7 @@ caches the machine code next to this file (``cache=True``).
 from __future__ import annotations
 
 import math
+from types import FunctionType
 
 import numba
 import numpy as np
@@ -27,7 +28,6 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 __all__ = [
-    "threads",
     "row_mean_var",
     "b0_forward",
     "b0_backward_sums",
@@ -82,12 +82,28 @@ def _sigmoid_typed(a):
     return lambda a: 1.0 / (1.0 + math.exp(-a))  # float64: libm's exp (the reference tests' precision)
 
 
-def threads() -> None:
-    """numba's thread count follows torch's (``torch.set_num_threads``, OMP_NUM_THREADS)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+class _Kernel:
+    """A kernel in two builds: parallel over its rows (``prange``), with numba's thread count following torch's
+    (``torch.set_num_threads``, OMP_NUM_THREADS), and serial for one thread. A one-thread call of the parallel
+    build still wakes numba's whole OpenMP team, whose idle threads spin: two one-thread DDP processes on two
+    cores ran 2x slower for it."""
+
+    def __init__(self, fn):
+        self.parallel = njit(parallel=True, cache=True, fastmath=_FLAGS)(fn)
+        serial = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
+        serial.__qualname__ = fn.__qualname__ + "_serial"  # its own cache file (numba keys the cache by qualname)
+        self.serial = njit(cache=True, fastmath=_FLAGS)(serial)
+        self.__doc__, self.__name__ = fn.__doc__, fn.__name__
+
+    def __call__(self, *args):
+        n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        if n <= 1:
+            return self.serial(*args)
+        numba.set_num_threads(n)
+        return self.parallel(*args)
 
 
-@njit(parallel=True, cache=True, fastmath=_FLAGS)
+@_Kernel
 def row_mean_var(x, mean, var):  # pragma: no cover - compiled
     """Biased mean and variance of each row of x (R, L), two passes over the row (it stays in cache)."""
     R, L = x.shape
@@ -104,7 +120,7 @@ def row_mean_var(x, mean, var):  # pragma: no cover - compiled
         var[i] = q / L
 
 
-@njit(parallel=True, cache=True, fastmath=_FLAGS)
+@_Kernel
 def b0_forward(x, left, right, v, w, b, C, y):  # pragma: no cover - compiled
     """y = x / max(l, v x + r) * w + b, row i = (n, c): l, r per row, v, w, b per channel c = i % C."""
     R, L = x.shape
@@ -118,7 +134,7 @@ def b0_forward(x, left, right, v, w, b, C, y):  # pragma: no cover - compiled
             y[i, j] = xv / den * wv + bv
 
 
-@njit(parallel=True, cache=True, fastmath=_FLAGS)
+@_Kernel
 def b0_backward_sums(x, g, left, right, v, C, sums):  # pragma: no cover - compiled
     """Per row, with t = g / den, k = g x / den^2 and m = [v x + r > l]: sums[i] = (sum t x, sum k, sum m k,
     sum m k x, sum g)."""
@@ -151,7 +167,7 @@ def b0_backward_sums(x, g, left, right, v, C, sums):  # pragma: no cover - compi
         sums[i, 4] = s_g
 
 
-@njit(parallel=True, cache=True, fastmath=_FLAGS)
+@_Kernel
 def b0_backward_input(x, g, left, right, v, w, p, q, C, grad_x):  # pragma: no cover - compiled
     """grad_x = w t - w v m k + p x + q (p, q per row: the paths through r and l)."""
     R, L = x.shape
@@ -170,7 +186,7 @@ def b0_backward_input(x, g, left, right, v, w, p, q, C, grad_x):  # pragma: no c
                 grad_x[i, j] = wv * gv / lv + pv * xv + qv
 
 
-@njit(parallel=True, cache=True, fastmath=_FLAGS)
+@_Kernel
 def s0_forward(x, v, w, b, eps, one, y, mean, inv_std):  # pragma: no cover - compiled
     """x (N*G, C/G, L): per chunk (n, group) its mean and 1/sqrt(var + eps), then y = x sigmoid(v x) w / std + b.
     ``one`` is 1 in x's dtype (keeps float32 arithmetic in float32)."""
@@ -200,7 +216,7 @@ def s0_forward(x, v, w, b, eps, one, y, mean, inv_std):  # pragma: no cover - co
                 y[i, c, j] = xv * _sigmoid(vv * xv) * a + bv
 
 
-@njit(parallel=True, cache=True, fastmath=_FLAGS)
+@_Kernel
 def s0_backward(x, g, v, w, mean, inv_std, one, grad_x, sums, coef):  # pragma: no cover - compiled
     """Per chunk: sums[i, c] = (R, Z, sum g) with u = x s, s = sigmoid(v x), R = sum g u, Z = sum g x s (1 - s) x;
     then grad_x = a g (s + v x s (1 - s)) + P x + Q, a = w / std, P = -(sum_c w R) / (std^3 M), Q = -P mean.
