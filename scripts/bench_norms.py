@@ -174,8 +174,8 @@ def numba_version() -> str:
         return f"numba {numba.__version__} off (NORMBENCH_CPU_KERNELS=0)"
     try:
         layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet
-        layer = "threading layer not chosen yet"
+    except ValueError:  # no parallel kernel has run: one thread runs the kernels' serial build
+        layer = "serial" if torch.get_num_threads() == 1 else "no kernel ran"
     return f"numba {numba.__version__} ({layer})"
 
 
