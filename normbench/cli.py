@@ -189,14 +189,16 @@ def _main(argv: list[str]) -> int:
     if command == "report":
         return _report(rest)
     if command in ("train", "sweep"):
-        from normbench.train import main as train_main
-
         if command == "sweep" and not any(a.startswith("experiment=") for a in rest):
             print("normbench sweep: error: experiment=NAME is required (see configs/experiment/)", file=sys.stderr)
             return 2
         from normbench.runs.interrupts import holding_through_start_up
 
-        with holding_through_start_up():  # a signal while Hydra composes waits for normbench's own code
+        # a signal while Hydra is imported (omegaconf builds its structured configs then) or composes the config
+        # waits for normbench's own code
+        with holding_through_start_up():
+            from normbench.train import main as train_main
+
             error = _config_error(command, rest)
             if error:
                 print(f"normbench {command}: error: {error}", file=sys.stderr)

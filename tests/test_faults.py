@@ -251,6 +251,47 @@ def test_a_signal_inside_hydras_composition_waits_for_normbench_and_says_one_lin
     ], done.stderr
 
 
+# A SIGINT that lands while `import hydra` runs: hydra.conf stores its structured configs at import time, inside
+# omegaconf, which turned the Interrupted into "AttributeError: 'NoneType' object has no attribute
+# '_invalidate_flags_cache'" (make test, SIGINT and SIGHUP 0.1 s into a run). The hook signals inside the first
+# OmegaConf.structured call made by hydra.conf's import and, like omegaconf, turns what it raises into that error.
+SIGNAL_INSIDE_HYDRA_IMPORT = """
+import os, signal, sys
+from omegaconf import OmegaConf
+structured = OmegaConf.structured
+signalled = []
+def from_hydra_conf():
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.replace(os.sep, "/").endswith("hydra/conf/__init__.py"):
+            return True
+        frame = frame.f_back
+    return False
+def patched(*args, **kwargs):
+    try:
+        if not signalled and from_hydra_conf():
+            signalled.append(os.kill(os.getpid(), signal.SIGINT))
+            sum(range(100000))  # the handler runs here
+    except BaseException:
+        raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+    return structured(*args, **kwargs)
+OmegaConf.structured = staticmethod(patched)
+"""
+
+
+def test_a_signal_inside_hydras_import_waits_for_normbench_and_says_one_line(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_INSIDE_HYDRA_IMPORT)
+    done = cli("train", *TINY, f"results_dir={tmp_path / 'runs'}", env={"PYTHONPATH": str(hook)})
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("normbench")] == [
+        "normbench train: interrupted by SIGINT before the run recorded anything (no result.json): rerun the same "
+        "command"
+    ], done.stderr
+
+
 # SIGTERM once train() has returned, as the command winds down (Hydra's teardown): the window CI's fast
 # machine hit with a real signal 3 s into a one-epoch run, which then died in silence with the default action.
 SIGNAL_AS_THE_COMMAND_ENDS = """

@@ -130,10 +130,11 @@ _library_hold = {"active": False}
 
 @contextmanager
 def holding_through_start_up():
-    """Hydra composing the config is library code that does not survive an exception raised in the middle of it
-    (omegaconf's flag restore then fails with an AttributeError that Hydra prints as a traceback, and the
-    interrupt is lost): a start-up signal waits until the task function begins (`start_up_done`), or until
-    this block ends if it never does (an error, a --cfg print, a sweep with nothing to train)."""
+    """Hydra's import (omegaconf building its structured configs) and Hydra composing the config are library code
+    that does not survive an exception raised in the middle of it (omegaconf's flag restore then fails with an
+    AttributeError that Hydra prints as a traceback, and the interrupt is lost): a start-up signal waits until
+    the task function begins (`start_up_done`), or until this block ends if it never does (an error, a --cfg
+    print, a sweep with nothing to train)."""
     _library_hold["active"] = True
     with _holding():
         try:
