@@ -1,6 +1,7 @@
 """The fused CPU kernels of EvoNorm-B0/S0 (normbench/norms/_cpu_kernels.py) beyond the float64 reference tests
-(which run on both paths through the ``evonorm_path`` fixture): float32 at ResNet-like row lengths against the
-float64 formula, NaN propagation (the kernels' fast-math flags must not drop it), bf16 input, numba missing."""
+(which run on both paths through the ``evonorm_path`` fixture): long rows in float32 and float64 at one and two
+threads (the serial and parallel builds) against the float64 formula, NaN propagation (the kernels' fast-math
+flags must not drop it), bf16 input, numba missing, and the float32 exp against float64's."""
 
 import math
 
