@@ -251,10 +251,11 @@ def test_a_signal_inside_hydras_composition_waits_for_normbench_and_says_one_lin
     ], done.stderr
 
 
-# A SIGINT that lands while `import hydra` runs: hydra.conf stores its structured configs at import time, inside
+# A signal that lands while `import hydra` runs: hydra.conf stores its structured configs at import time, inside
 # omegaconf, which turned the Interrupted into "AttributeError: 'NoneType' object has no attribute
-# '_invalidate_flags_cache'" (make test, SIGINT and SIGHUP 0.1 s into a run). The hook signals inside the first
-# OmegaConf.structured call made by hydra.conf's import and, like omegaconf, turns what it raises into that error.
+# '_invalidate_flags_cache'" (make test, SIGINT and SIGHUP 0.1 s into a run). The hook sends SIGTERM (a
+# background `make test &` ignores SIGINT) inside the first OmegaConf.structured call of hydra.conf's import
+# and, like omegaconf, turns what it raises into that error.
 SIGNAL_INSIDE_HYDRA_IMPORT = """
 import os, signal, sys
 from omegaconf import OmegaConf
@@ -270,7 +271,7 @@ def from_hydra_conf():
 def patched(*args, **kwargs):
     try:
         if not signalled and from_hydra_conf():
-            signalled.append(os.kill(os.getpid(), signal.SIGINT))
+            signalled.append(os.kill(os.getpid(), signal.SIGTERM))
             sum(range(100000))  # the handler runs here
     except BaseException:
         raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
@@ -284,10 +285,10 @@ def test_a_signal_inside_hydras_import_waits_for_normbench_and_says_one_line(tmp
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SIGNAL_INSIDE_HYDRA_IMPORT)
     done = cli("train", *TINY, f"results_dir={tmp_path / 'runs'}", env={"PYTHONPATH": str(hook)})
-    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert [line for line in done.stderr.splitlines() if line.startswith("normbench")] == [
-        "normbench train: interrupted by SIGINT before the run recorded anything (no result.json): rerun the same "
+        "normbench train: interrupted by SIGTERM before the run recorded anything (no result.json): rerun the same "
         "command"
     ], done.stderr
 
