@@ -18,7 +18,6 @@ vs BN (<= 2).
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import random
 import statistics
@@ -33,6 +32,7 @@ from torch import nn  # noqa: E402
 
 from normbench.norms import batch_norm as bn_mod  # noqa: E402
 from normbench.norms import build_norm  # noqa: E402
+from normbench.norms.evonorm import kernels_switched_off  # noqa: E402
 
 FULL_SHAPES = ["32x256x56x56", "32x1024x14x14"]
 SMALL_SHAPES = ["32x64x56x56", "32x256x14x14"]
@@ -170,7 +170,7 @@ def numba_version() -> str:
         import numba
     except ImportError:
         return "numba missing (EvoNorm in tensor ops)"
-    if os.environ.get("NORMBENCH_CPU_KERNELS", "1") == "0":
+    if kernels_switched_off():
         return f"numba {numba.__version__} off (NORMBENCH_CPU_KERNELS=0)"
     try:
         layer = numba.threading_layer()

@@ -150,31 +150,39 @@ def imagenet_cfg(**overrides):
 
 
 class KernelSpy:
-    """Which EvoNorm path ran: ``fused`` (numba kernels asked for) and ``calls`` (how often they ran)."""
+    """Which EvoNorm path ran: ``fused`` (numba kernels asked for) and ``builds`` (calls of the kernels' serial and
+    parallel builds)."""
 
     def __init__(self, fused: bool):
-        self.fused, self.calls = fused, 0
+        self.fused, self.builds = fused, {"serial": 0, "parallel": 0}
 
     def expect(self, nchw: bool = True) -> None:
         """The kernels ran exactly where they should: asked for, on an NCHW float CPU input."""
-        assert (self.calls > 0) == (self.fused and nchw), (self.fused, nchw, self.calls)
+        assert (sum(self.builds.values()) > 0) == (self.fused and nchw), (self.fused, nchw, self.builds)
 
 
 @pytest.fixture(params=["fused", "tensor_ops"])
 def evonorm_path(request, monkeypatch):
     """Runs an EvoNorm test on both eager paths: the fused CPU kernels and the plain tensor ops
-    (NORMBENCH_CPU_KERNELS=0), counting the kernel calls so a test can check which one it measured."""
-    from normbench.norms import evonorm
-
+    (NORMBENCH_CPU_KERNELS=0), counting each kernel build's calls so a test can check which one it measured."""
     spy = KernelSpy(request.param == "fused")
-    if spy.fused:
-        pytest.importorskip("numba")  # a declared dependency; a bare environment tests the tensor ops only
     monkeypatch.setenv("NORMBENCH_CPU_KERNELS", "1" if spy.fused else "0")
-    real = evonorm._kernels
+    try:
+        from normbench.norms import _cpu_kernels
+    except ImportError:  # numba is a declared dependency; a bare environment tests the tensor ops only
+        if spy.fused:
+            pytest.skip("needs numba")
+        return spy
 
-    def counted():
-        spy.calls += 1
-        return real()
+    def counting(real, build):
+        def counted(*args):
+            spy.builds[build] += 1
+            return real(*args)
 
-    monkeypatch.setattr(evonorm, "_kernels", counted)
+        return counted
+
+    for name in _cpu_kernels.__all__:
+        kernel = getattr(_cpu_kernels, name)
+        for build in spy.builds:
+            monkeypatch.setattr(kernel, build, counting(getattr(kernel, build), build))
     return spy

@@ -30,35 +30,14 @@ def reference(name, x, ps, n):
     return ref_evonorm_s0(x, ps["weight"], ps["bias"], ps["v"], 4)
 
 
-def count_builds(monkeypatch):
-    """Counts the calls of each kernel's parallel and serial build (normbench/norms/_cpu_kernels.py)."""
-    from normbench.norms import _cpu_kernels
-
-    counts = {"parallel": 0, "serial": 0}
-
-    def counting(real, build):
-        def counted(*args):
-            counts[build] += 1
-            return real(*args)
-
-        return counted
-
-    for name in _cpu_kernels.__all__:
-        kernel = getattr(_cpu_kernels, name)
-        for build in counts:
-            monkeypatch.setattr(kernel, build, counting(getattr(kernel, build), build))
-    return counts
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name,opts", LAYERS)
-def test_long_rows_vs_float64_formula(name, opts, dtype, threads, evonorm_path, monkeypatch):
+def test_long_rows_vs_float64_formula(name, opts, dtype, threads, evonorm_path):
     """28x27 rows (vectorized loops with remainders), the layer in float32 or float64 against the float64
     formula on the same values: output and every gradient, on both paths; one thread runs the kernels' serial
     build, two their parallel one."""
     torch.set_num_threads(threads)  # the autouse _one_thread fixture restores it
-    builds = count_builds(monkeypatch)
     C = 16
     x64 = rand(4, C, 28, 27) * 2.0 + 0.5
     layer = build(name, opts, C, dtype)
@@ -81,8 +60,8 @@ def test_long_rows_vs_float64_formula(name, opts, dtype, threads, evonorm_path, 
         for k, p in ps.items():
             assert (getattr(layer, k).grad.double() - p.grad).abs().max().item() <= 1e-4 * scale(p.grad), k
     evonorm_path.expect()
-    used = {b for b, n in builds.items() if n}
-    assert used == (set() if not evonorm_path.fused else {"serial" if threads == 1 else "parallel"}), builds
+    used = {b for b, n in evonorm_path.builds.items() if n}
+    assert used == (set() if not evonorm_path.fused else {"serial" if threads == 1 else "parallel"}), used
 
 
 @pytest.mark.parametrize("name,opts", LAYERS)
@@ -118,7 +97,7 @@ def test_bf16_input_runs_on_its_float32_copy(name, opts, evonorm_path):
 def test_without_numba_the_tensor_ops_run(monkeypatch):
     """Where numba cannot be imported (a bare GPU image), the layers take the tensor-op path."""
     monkeypatch.setenv("NORMBENCH_CPU_KERNELS", "1")
-    monkeypatch.setattr(evonorm, "_import_kernels", lambda: None)
+    monkeypatch.setattr(evonorm, "_kernels", lambda: None)
     for name, opts in LAYERS:
         layer = build(name, opts, 8)
         x = rand(4, 8, 5, 6)

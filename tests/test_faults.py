@@ -238,19 +238,6 @@ hydra_module.Hydra.compose_config = compose_config
 """
 
 
-def test_a_signal_inside_hydras_composition_waits_for_normbench_and_says_one_line(tmp_path):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGNAL_INSIDE_HYDRA_COMPOSE)
-    done = cli("train", *TINY, f"results_dir={tmp_path / 'runs'}", env={"PYTHONPATH": str(hook)})
-    assert done.returncode == 128 + signal.SIGTERM, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    assert [line for line in done.stderr.splitlines() if line.startswith("normbench")] == [
-        "normbench train: interrupted by SIGTERM before the run recorded anything (no result.json): rerun the same "
-        "command"
-    ], done.stderr
-
-
 # A signal that lands while `import hydra` runs: hydra.conf stores its structured configs at import time, inside
 # omegaconf, which turned the Interrupted into "AttributeError: 'NoneType' object has no attribute
 # '_invalidate_flags_cache'" (make test, SIGINT and SIGHUP 0.1 s into a run). The hook sends SIGTERM (a
@@ -280,10 +267,12 @@ OmegaConf.structured = staticmethod(patched)
 """
 
 
-def test_a_signal_inside_hydras_import_waits_for_normbench_and_says_one_line(tmp_path):
+@pytest.mark.parametrize("where", ["composition", "import"])
+def test_a_signal_inside_hydra_waits_for_normbench_and_says_one_line(tmp_path, where):
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SIGNAL_INSIDE_HYDRA_IMPORT)
+    source = {"composition": SIGNAL_INSIDE_HYDRA_COMPOSE, "import": SIGNAL_INSIDE_HYDRA_IMPORT}[where]
+    (hook / "sitecustomize.py").write_text(source)
     done = cli("train", *TINY, f"results_dir={tmp_path / 'runs'}", env={"PYTHONPATH": str(hook)})
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert "Traceback" not in done.stderr, done.stderr

@@ -187,9 +187,8 @@ def b0_backward_input(x, g, left, right, v, w, p, q, C, grad_x):  # pragma: no c
 
 
 @_Kernel
-def s0_forward(x, v, w, b, eps, one, y, mean, inv_std):  # pragma: no cover - compiled
-    """x (N*G, C/G, L): per chunk (n, group) its mean and 1/sqrt(var + eps), then y = x sigmoid(v x) w / std + b.
-    ``one`` is 1 in x's dtype (keeps float32 arithmetic in float32)."""
+def s0_forward(x, v, w, b, eps, y, mean, inv_std):  # pragma: no cover - compiled
+    """x (N*G, C/G, L): per chunk (n, group) its mean and 1/sqrt(var + eps), then y = x sigmoid(v x) w / std + b."""
     R, Cg, L = x.shape
     G = v.shape[0] // Cg
     count = Cg * L
@@ -220,6 +219,7 @@ def s0_forward(x, v, w, b, eps, one, y, mean, inv_std):  # pragma: no cover - co
 def s0_backward(x, g, v, w, mean, inv_std, one, grad_x, sums, coef):  # pragma: no cover - compiled
     """Per chunk: sums[i, c] = (R, Z, sum g) with u = x s, s = sigmoid(v x), R = sum g u, Z = sum g x s (1 - s) x;
     then grad_x = a g (s + v x s (1 - s)) + P x + Q, a = w / std, P = -(sum_c w R) / (std^3 M), Q = -P mean.
+    ``one`` is 1 in x's dtype (a float64 literal would turn float32 arithmetic into float64).
     The first loop parks s in grad_x's slice (in cache) for the second; ``coef`` (R, 2) in x's dtype holds P, Q
     (so the second loop's arithmetic stays in x's dtype)."""
     R, Cg, L = x.shape

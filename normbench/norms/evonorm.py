@@ -45,17 +45,20 @@ from .group_norm import resolve_groups
 __all__ = ["EvoNorm2dB0", "EvoNorm2dS0"]
 
 
+def kernels_switched_off() -> bool:
+    """``NORMBENCH_CPU_KERNELS=0`` (read per call: the tests flip it) sends EvoNorm to its tensor ops."""
+    return os.environ.get("NORMBENCH_CPU_KERNELS", "1") == "0"
+
+
 def _use_kernels(x: Tensor) -> bool:
     """The fused CPU kernels (:mod:`._cpu_kernels`) run on NCHW float CPU tensors unless switched off."""
     if x.device.type != "cpu" or not x.is_contiguous() or x.dtype not in (torch.float32, torch.float64):
         return False
-    if os.environ.get("NORMBENCH_CPU_KERNELS", "1") == "0":
-        return False
-    return _import_kernels() is not None
+    return not kernels_switched_off() and _kernels() is not None
 
 
 @functools.cache
-def _import_kernels():
+def _kernels():
     """The kernel module, imported on first use (numba's import costs ~0.5 s); None where numba is missing."""
     try:
         from . import _cpu_kernels
@@ -64,24 +67,15 @@ def _import_kernels():
     return _cpu_kernels
 
 
-def _kernels():
-    """The kernel module (a function of its own so that tests can count the calls)."""
-    return _import_kernels()
-
-
-def _rows(t: Tensor) -> np.ndarray:
-    """A contiguous (N, C, H, W) tensor as its (N*C, H*W) numpy view (writes go to the tensor)."""
-    N, C, H, W = t.shape
-    return t.detach().view(N * C, H * W).numpy()
-
-
-def _chunks(t: Tensor, *shape: int) -> np.ndarray:
-    """A contiguous tensor as a numpy view of ``shape`` (S0's (N*G, C/G, H*W) groups)."""
+def _np_view(t: Tensor, *shape: int) -> np.ndarray:
+    """A contiguous tensor as a numpy view of ``shape`` (no copy: the kernels' writes go to the tensor)."""
     return t.detach().view(*shape).numpy()
 
 
-def _np_dtype(t: Tensor):
-    return np.float64 if t.dtype == torch.float64 else np.float32
+def _rows(t: Tensor) -> np.ndarray:
+    """A contiguous (N, C, H, W) tensor as its (N*C, H*W) rows."""
+    N, C, H, W = t.shape
+    return _np_view(t, N * C, H * W)
 
 
 def _vec(t: Tensor) -> np.ndarray:
@@ -288,9 +282,8 @@ class _EvoS0(torch.autograd.Function):
         if ctx.fused:
             y, mean_g, inv_std = torch.empty_like(xf), xf.new_empty(N, groups, 1), xf.new_empty(N, groups, 1)
             chunks = (N * groups, C // groups, H * W)
-            one = np.ones((), _np_dtype(xf))[()]
             _kernels().s0_forward(
-                _chunks(xf, *chunks), *_vecs(xf, v, weight, bias), eps, one, _chunks(y, *chunks),
+                _np_view(xf, *chunks), *_vecs(xf, v, weight, bias), eps, _np_view(y, *chunks),
                 _vec(mean_g), _vec(inv_std),
             )  # fmt: skip
         else:
@@ -326,10 +319,10 @@ class _EvoS0(torch.autograd.Function):
             g, grad_x = g.contiguous(), torch.empty_like(xf)
             chunks = (N * G, C // G, H * W)
             sums, coef = torch.empty(*chunks[:2], 3, dtype=torch.float64), xf.new_empty(N * G, 2)
-            one = np.ones((), _np_dtype(xf))[()]
+            one = np.float64(1.0) if dt == torch.float64 else np.float32(1.0)
             _kernels().s0_backward(
-                _chunks(xf, *chunks), _chunks(g, *chunks), *_vecs(xf, v, weight), _vec(mean_g), _vec(inv_std), one,
-                _chunks(grad_x, *chunks), sums.numpy(), coef.numpy(),
+                _np_view(xf, *chunks), _np_view(g, *chunks), *_vecs(xf, v, weight), _vec(mean_g), _vec(inv_std), one,
+                _np_view(grad_x, *chunks), sums.numpy(), coef.numpy(),
             )  # fmt: skip
             r, z, s_g = (t.reshape(N, C, 1, 1) for t in sums.to(dt).unbind(2))
             g_b = s_g.sum((0, 2, 3))
